@@ -1,0 +1,12 @@
+# madflow: Magnification-Aware Distillation on whole-slide images.
+# Chain (SPEC section 1): manifest -> tile -> pretrain -> embed -> evaluate -> figures/report.
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/tiles.smk"
+include: "rules/pretrain.smk"
+include: "rules/evaluate.smk"
+include: "rules/targets.smk"

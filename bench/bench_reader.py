@@ -1,0 +1,156 @@
+"""Tile-reader throughput and tiler peak memory.
+
+Prints, per magnification of a synthetic 40x Aperio slide: madflow's SlideReader
+(native level, decoded-tile cache) beside OpenSlide read_region one call per tile on the
+same tiles (what CLAM/TRIDENT-style loaders do) and the raw decode limit of the stored
+JPEG tiles, in tiles per CPU-second (median of repeats). Then the tile rule's peak RSS on a
+large slide (default 61440 px square, written tile by tile) in a fresh process.
+
+    python bench/bench_reader.py [--size 8192] [--tile-px 224] [--big 61440] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pandas as pd
+import tifffile
+
+from madflow.manifest import check_manifest
+from madflow.slides import SlideReader, mag_str
+from madflow.synth import make_slide
+from madflow.tiling import tile_slide
+
+MAGS = [2.5, 10.0, 40.0]
+
+
+def cpu_rate(fn, n_items, repeats):
+    rates = []
+    for _ in range(repeats):
+        t = time.process_time()
+        fn()
+        rates.append(n_items / max(time.process_time() - t, 1e-9))
+    return statistics.median(rates)
+
+
+def checked_row(path, tmp, tile_px):
+    table = Path(tmp) / f"{Path(path).stem}.tsv"
+    pd.DataFrame({"slide_id": [Path(path).stem], "path": [str(path)]}).to_csv(table, sep="\t", index=False)
+    return check_manifest(table, MAGS, tile_px, "error", 0.3, 0)[0].iloc[0].to_dict()
+
+
+def throughput(path, tmp, tile_px, repeats):
+    slide = checked_row(path, tmp, tile_px)
+    grid, *_ = tile_slide(slide, MAGS, tile_px, 0.5)
+    rows = []
+    for mag in MAGS:
+        tiles = grid[(grid["mag"] == mag) & grid["tissue"]]
+        if len(tiles) > 4000:
+            tiles = tiles.iloc[:4000]  # a contiguous run in table (hierarchical) order
+        n = len(tiles)
+
+        def ours():
+            with SlideReader(path) as reader:
+                reader.read_tiles(tiles)
+
+        def per_tile_openslide():
+            slide_ = openslide.OpenSlide(str(path))
+            for r in tiles.itertuples():
+                slide_.read_region((int(r.x0), int(r.y0)), int(r.level), (tile_px, tile_px))
+            slide_.close()
+
+        level = int(tiles["level"].iloc[0])
+        width = openslide.OpenSlide(str(path)).level_dimensions[level][0]
+        fd = os.open(path, os.O_RDONLY)
+        with tifffile.TiffFile(path) as tif:
+            page = next(p for p in tif.pages if p.is_tiled and p.imagewidth == width)
+            chunks = [
+                (i, os.pread(fd, c, o))
+                for i, (o, c) in enumerate(zip(page.dataoffsets, page.databytecounts))
+            ][: max(n, 64)]
+            os.close(fd)
+
+            def raw_decode():
+                for i, data in chunks:
+                    page.decode(data, i, jpegtables=page.jpegtables)
+
+            raw = cpu_rate(raw_decode, len(chunks), repeats)
+        rate_ours = cpu_rate(ours, n, repeats)
+        rate_os = cpu_rate(per_tile_openslide, n, repeats)
+        # the raw limit in *output* tiles/s: each T-px tile needs (T/256)^2 stored tiles
+        raw_equiv = raw * (page.tilewidth / tile_px) ** 2
+        rows.append(
+            {
+                "mag": mag_str(mag) + "x",
+                "tiles": n,
+                "madflow tiles/CPU-s": round(rate_ours),
+                "openslide per-tile": round(rate_os),
+                "ratio vs openslide": round(rate_ours / rate_os, 2),
+                "raw decode (stored tiles/s)": round(raw),
+                "raw limit (T-px tiles/s)": round(raw_equiv),
+                "% of raw limit": round(100 * rate_ours / raw_equiv),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def tile_peak_rss(path, tmp, tile_px):
+    """Peak RSS (MB) of tiling the slide in a fresh process, and its wall time."""
+    code = (
+        "import sys, resource, time, pandas as pd\n"
+        "from madflow.tiling import tile_slide\n"
+        "row = pd.read_json(sys.argv[1], typ='series').to_dict()\n"
+        "t = time.time(); grid, *_ = tile_slide(row, [2.5, 10, 40], int(sys.argv[2]), 0.5)\n"
+        "print(len(grid), time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    row = pd.Series(checked_row(path, tmp, tile_px))
+    js = Path(tmp) / "row.json"
+    row.to_json(js)
+    out = subprocess.run([sys.executable, "-c", code, str(js), str(tile_px)], capture_output=True, text=True, check=True)
+    n, wall, rss = out.stdout.split()
+    return int(n), float(wall), float(rss)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=8192)
+    ap.add_argument("--tile-px", type=int, default=224)
+    ap.add_argument("--big", type=int, default=61440, help="side of the memory-benchmark slide (0: skip)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.svs"
+        make_slide(path, seed=0, size=args.size)
+        table = throughput(path, tmp, args.tile_px, args.repeats)
+        print(f"\nReader throughput, {args.size} px synthetic 40x Aperio slide, T={args.tile_px}, "
+              f"median of {args.repeats}, one process:")
+        print(table.to_string(index=False))
+        if args.big:
+            big = Path(tmp) / "big.svs"
+            t = time.time()
+            make_slide(big, seed=1, size=args.big)
+            made = time.time() - t
+            n, wall, rss = tile_peak_rss(big, tmp, args.tile_px)
+            small_n, small_wall, small_rss = tile_peak_rss(path, tmp, args.tile_px)
+            print(f"\nTiler peak memory (fresh process; a whole level 0 would be "
+                  f"{args.big**2 * 3 / 2**30:.1f} GiB decoded):")
+            print(pd.DataFrame([
+                {"slide px": args.size, "tiles": small_n, "tile wall s": round(small_wall, 2), "peak RSS MB": round(small_rss)},
+                {"slide px": args.big, "tiles": n, "tile wall s": round(wall, 2), "peak RSS MB": round(rss)},
+            ]).to_string(index=False))
+            print(f"(writing the {args.big} px slide took {made:.0f} s; "
+                  f"bench process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()

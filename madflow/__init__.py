@@ -1,0 +1,1 @@
+"""madflow: Magnification-Aware Distillation for whole-slide images."""

@@ -1,0 +1,560 @@
+"""Training examples for MAD from tile tables.
+
+Sampling is a pure function of (tile index, step rng): :func:`sample_batch` returns row
+indices into the concatenated tissue-tile table, so it can be tested without pixels and
+so that training is deterministic per step (no iterator state needs checkpointing).
+:class:`MADBatchDataset` turns the rows of one step into augmented image tensors, reading
+pixels with ``madflow.slides.SlideReader`` (one reader per slide per worker, opened lazily).
+
+Modes (experiment key ``mode``):
+  mad        one parent at a + n_local of its tissue children at b; each batch is one pair
+             drawn by the ``pairs`` weights
+  same_mag   teacher and student see augmented views of the same tile; tiles drawn from
+             every magnification MAD sees (weight of a magnification = half the weight of
+             each pair it takes part in)
+  shuffled   student tiles are tissue tiles at b of a random other parent (another slide
+             whenever the table has one)
+  interp     student views = the parent's 1/r sub-squares (where the chosen children lie),
+             upsampled to T px with bilinear interpolation
+  tri        parent at the first magnification of the chain, n_local children at the second
+             and n_local grandchildren at the third (e.g. 2.5 -> 10 -> 40)
+With ``parent_view`` the student also sees one augmented view of the parent (last view).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import IterableDataset, get_worker_info
+
+__all__ = [
+    "NETWORK_MODES",
+    "parse_pair",
+    "fmt_mag",
+    "TileIndex",
+    "sample_batch",
+    "choose_group",
+    "group_weights",
+    "Augmenter",
+    "MADBatchDataset",
+    "load_tables",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+NETWORK_MODES = ("mad", "same_mag", "shuffled", "interp", "tri")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------------------------------
+# magnifications and pairs
+# ---------------------------------------------------------------------------------------
+def fmt_mag(m: float) -> str:
+    try:
+        from madflow.slides import mag_str  # the project's canonical formatter
+
+        return mag_str(m)
+    except Exception:  # noqa: BLE001 - slides module may be absent in isolated tests
+        m = float(m)
+        return str(int(m)) if m == int(m) else f"{m:g}"
+
+
+def parse_pair(pair: str) -> tuple[float, ...]:
+    """``"2.5->10"`` -> (2.5, 10.0); ``"2.5->10->40"`` -> (2.5, 10.0, 40.0)."""
+    parts = [p.strip() for p in re.split(r"->", str(pair))]
+    try:
+        mags = tuple(float(p.rstrip("xX")) for p in parts)
+    except ValueError:
+        raise ValueError(f"bad magnification pair {pair!r} (expected e.g. '2.5->10')") from None
+    if len(mags) < 2 or any(b <= a for a, b in zip(mags, mags[1:])):
+        raise ValueError(f"bad magnification pair {pair!r}: needs coarse -> fine")
+    return mags
+
+
+def pair_label(mags: Sequence[float]) -> str:
+    return "->".join(fmt_mag(m) for m in mags)
+
+
+def load_tables(paths: Iterable[str]) -> pd.DataFrame:
+    dfs = [pd.read_parquet(p) for p in paths]
+    if not dfs:
+        raise ValueError("no tile tables given")
+    return pd.concat(dfs, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------
+# index of the hierarchy (tissue tiles only)
+# ---------------------------------------------------------------------------------------
+_KEY_COLS = ("k", "m")
+
+
+class TileIndex:
+    """Tissue tiles of the training slides and their parent -> descendant relations.
+
+    Row numbers used everywhere are positions in ``self.df`` (tissue rows only).
+    """
+
+    def __init__(self, tables: pd.DataFrame | Sequence[pd.DataFrame]):
+        if isinstance(tables, pd.DataFrame):
+            df = tables
+        else:
+            df = pd.concat(list(tables), ignore_index=True)
+        if "tissue" in df.columns:
+            df = df[df["tissue"].astype(bool).to_numpy()]
+        df = df.reset_index(drop=True)
+        if df.empty:
+            raise ValueError("the tile tables hold no tissue tiles")
+        self.df = df
+        self.mag = df["mag"].to_numpy(dtype=np.float64)
+        self.mags = sorted(float(m) for m in np.unique(self.mag))
+        self.slide_code, self.slides = pd.factorize(df["slide_id"].astype(str))
+        self.slide_code = np.asarray(self.slide_code, dtype=np.int64)
+        self.tile_px = int(df["tile_px"].iloc[0])
+        # hierarchy depth of each magnification (0 = coarsest ancestor grid (i, j))
+        self.depth: dict[float, int] = {}
+        for m in self.mags:
+            sub = df[self.mag == m]
+            d = 0
+            for c in _KEY_COLS:
+                if c in sub.columns and sub[c].notna().any():
+                    d += 1
+            self.depth[m] = d
+        self._rows_by_mag = {m: np.flatnonzero(self.mag == m) for m in self.mags}
+        self._desc: dict = {}
+        self._eligible: dict = {}
+        self._other_slide: dict = {}
+
+    # -- basic lookups ------------------------------------------------------------------
+    def rows_at(self, mag: float) -> np.ndarray:
+        mag = self._check_mag(mag)
+        return self._rows_by_mag[mag]
+
+    def _check_mag(self, mag: float) -> float:
+        mag = float(mag)
+        for m in self.mags:
+            if math.isclose(m, mag, rel_tol=1e-6):
+                return m
+        raise ValueError(f"magnification {fmt_mag(mag)} not in the tissue tiles (have {[fmt_mag(m) for m in self.mags]})")
+
+    def _key_cols(self, depth: int) -> list[str]:
+        return ["slide_id", "i", "j"] + list(_KEY_COLS[:depth])
+
+    def descendants(self, a: float, b: float):
+        """CSR relation parents(at a) -> tissue descendants(at b).
+
+        Returns (parents [P], ptr [P+1], rows [sum]) where rows[ptr[p]:ptr[p+1]] are the
+        descendants of parents[p]; only parents with at least one tissue descendant."""
+        a, b = self._check_mag(a), self._check_mag(b)
+        key = (a, b)
+        if key in self._desc:
+            return self._desc[key]
+        da, db = self.depth[a], self.depth[b]
+        if db <= da:
+            raise ValueError(f"{fmt_mag(b)} is not finer than {fmt_mag(a)} in the tile hierarchy")
+        cols = self._key_cols(da)
+        pa = self.df.iloc[self._rows_by_mag[a]][cols].copy()
+        pa["_prow"] = self._rows_by_mag[a]
+        ch = self.df.iloc[self._rows_by_mag[b]][cols].copy()
+        ch["_crow"] = self._rows_by_mag[b]
+        for c in cols[1:]:
+            pa[c] = pa[c].astype("int64")
+            ch[c] = ch[c].astype("int64")
+        mrg = pa.merge(ch, on=cols, how="inner")
+        mrg = mrg.sort_values(["_prow", "_crow"], kind="stable")
+        prow = mrg["_prow"].to_numpy(np.int64)
+        crow = mrg["_crow"].to_numpy(np.int64)
+        parents, counts = np.unique(prow, return_counts=True)
+        ptr = np.zeros(len(parents) + 1, dtype=np.int64)
+        np.cumsum(counts, out=ptr[1:])
+        self._desc[key] = (parents, ptr, crow)
+        return self._desc[key]
+
+    def children_of(self, parent_row: int, b: float) -> np.ndarray:
+        a = float(self.mag[parent_row])
+        parents, ptr, rows = self.descendants(a, b)
+        p = np.searchsorted(parents, parent_row)
+        if p >= len(parents) or parents[p] != parent_row:
+            return np.zeros(0, dtype=np.int64)
+        return rows[ptr[p]:ptr[p + 1]]
+
+    def eligible(self, chain: Sequence[float], n_local: int):
+        """Parents at chain[0] with >= n_local tissue descendants at every later magnification.
+
+        Returns (parents [P], [(ptr, rows) per later magnification] aligned with parents)."""
+        chain = tuple(self._check_mag(m) for m in chain)
+        key = (chain, int(n_local))
+        if key in self._eligible:
+            return self._eligible[key]
+        keep = None
+        rels = []
+        for b in chain[1:]:
+            parents, ptr, rows = self.descendants(chain[0], b)
+            ok = parents[np.diff(ptr) >= n_local]
+            keep = ok if keep is None else np.intersect1d(keep, ok)
+            rels.append((parents, ptr, rows))
+        if keep is None or len(keep) == 0:
+            raise ValueError(
+                f"no parent at {fmt_mag(chain[0])}x has >= {n_local} tissue descendants at "
+                f"{', '.join(fmt_mag(b) for b in chain[1:])}x in the training tiles")
+        out = []
+        for parents, ptr, rows in rels:
+            pos = np.searchsorted(parents, keep)
+            starts, ends = ptr[pos], ptr[pos + 1]
+            new_ptr = np.zeros(len(keep) + 1, dtype=np.int64)
+            np.cumsum(ends - starts, out=new_ptr[1:])
+            new_rows = np.concatenate([rows[s:e] for s, e in zip(starts, ends)])
+            out.append((new_ptr, new_rows))
+        self._eligible[key] = (keep, out)
+        return self._eligible[key]
+
+    def donors_other_slide(self, chain: Sequence[float], n_local: int):
+        """For each slide code, positions (into eligible parents) of parents on other slides."""
+        key = (tuple(chain), int(n_local))
+        if key not in self._other_slide:
+            parents, _ = self.eligible(chain, n_local)
+            codes = self.slide_code[parents]
+            self._other_slide[key] = {int(s): np.flatnonzero(codes != s) for s in np.unique(codes)}
+        return self._other_slide[key]
+
+
+# ---------------------------------------------------------------------------------------
+# sampling (pure functions of index + rng)
+# ---------------------------------------------------------------------------------------
+def group_weights(mode: str, pairs: dict, chain: Sequence[float] | None = None) -> dict:
+    """The batch groups of a mode and their weights: pair labels for mad/shuffled/interp,
+    magnifications (as strings) for same_mag, the chain label for tri."""
+    if not pairs:
+        raise ValueError("no training pairs configured")
+    w = {str(k): float(v) for k, v in pairs.items() if float(v) > 0}
+    for k in w:
+        parse_pair(k)
+    if mode in ("mad", "shuffled", "interp"):
+        return w
+    if mode == "same_mag":
+        out: dict = {}
+        for k, v in w.items():
+            ms = parse_pair(k)
+            for m in ms:
+                out[fmt_mag(m)] = out.get(fmt_mag(m), 0.0) + v / len(ms)
+        return out
+    if mode == "tri":
+        if chain is None:
+            mags = sorted({m for k in w for m in parse_pair(k)})
+            chain = mags
+        if len(chain) != 3:
+            raise ValueError(f"tri mode needs a chain of 3 magnifications, got {list(chain)}")
+        return {pair_label(chain): 1.0}
+    raise ValueError(f"unknown training mode {mode!r}")
+
+
+def choose_group(groups: dict, rng: np.random.Generator) -> str:
+    names = sorted(groups)  # stable order regardless of dict order
+    p = np.array([groups[n] for n in names], dtype=np.float64)
+    p = p / p.sum()
+    return names[int(rng.choice(len(names), p=p))]
+
+
+def _choose(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    return rng.choice(n, size=size, replace=size > n)
+
+
+def sample_batch(index: TileIndex, mode: str, group: str, n_parents: int, n_local: int,
+                 rng: np.random.Generator) -> dict:
+    """Row indices (into ``index.df``) of one batch.
+
+    Returns ``{"mode", "group", "parents": [B], "children": [B, V], "interp": bool}`` where
+    ``children`` are the rows the student views come from (for ``interp``: the children
+    whose footprint defines the crop of the parent; for ``same_mag``: the parent itself).
+    """
+    B = int(n_parents)
+    if mode == "same_mag":
+        rows = index.rows_at(float(group))
+        parents = rows[_choose(rng, len(rows), B)]
+        children = np.repeat(parents[:, None], n_local, axis=1)
+        return {"mode": mode, "group": group, "parents": parents, "children": children, "interp": False}
+
+    chain = parse_pair(group)
+    if mode == "tri":
+        if len(chain) != 3:
+            raise ValueError(f"tri mode needs a 3-magnification chain, got {group!r}")
+    elif len(chain) != 2:
+        raise ValueError(f"mode {mode} needs a pair a->b, got {group!r}")
+    elig, rels = index.eligible(chain, n_local)
+    pos = _choose(rng, len(elig), B)
+    parents = elig[pos]
+
+    if mode == "shuffled":
+        donors_by_slide = index.donors_other_slide(chain, n_local)
+        donor_pos = np.empty(B, dtype=np.int64)
+        for b in range(B):
+            cand = donors_by_slide.get(int(index.slide_code[parents[b]]))
+            if cand is not None and len(cand):
+                donor_pos[b] = cand[rng.integers(len(cand))]
+            elif len(elig) > 1:  # single slide: any other parent
+                d = int(rng.integers(len(elig) - 1))
+                donor_pos[b] = d + (d >= pos[b])
+            else:
+                donor_pos[b] = pos[b]
+        src = donor_pos
+    else:
+        src = pos
+
+    views = []
+    for ptr, rows in rels:
+        sel = np.empty((B, n_local), dtype=np.int64)
+        for b in range(B):
+            s, e = ptr[src[b]], ptr[src[b] + 1]
+            sel[b] = rows[s + rng.choice(e - s, size=n_local, replace=False)]
+        views.append(sel)
+    children = np.concatenate(views, axis=1)
+    return {"mode": mode, "group": group, "parents": parents, "children": children,
+            "interp": mode == "interp"}
+
+
+# ---------------------------------------------------------------------------------------
+# pixels
+# ---------------------------------------------------------------------------------------
+def interp_views(parent_px: torch.Tensor, parent_rows: pd.DataFrame, child_rows: pd.DataFrame,
+                 size: int) -> torch.Tensor:
+    """Crop each parent tile at the sub-square covered by the corresponding child and
+    upsample it to ``size`` px (bilinear). parent_px: float [N, 3, T, T]; rows aligned."""
+    T = parent_px.shape[-1]
+    out = torch.empty(parent_px.shape[0], 3, size, size, dtype=parent_px.dtype)
+    px0 = parent_rows["x0"].to_numpy(np.int64)
+    py0 = parent_rows["y0"].to_numpy(np.int64)
+    ps0 = parent_rows["size0"].to_numpy(np.float64)
+    cx0 = child_rows["x0"].to_numpy(np.int64)
+    cy0 = child_rows["y0"].to_numpy(np.int64)
+    cs0 = child_rows["size0"].to_numpy(np.float64)
+    for n in range(parent_px.shape[0]):
+        scale = T / ps0[n]  # parent px per level-0 px
+        x0 = int(round((cx0[n] - px0[n]) * scale))
+        y0 = int(round((cy0[n] - py0[n]) * scale))
+        s = max(1, int(round(cs0[n] * scale)))
+        crop = parent_px[n:n + 1, :, y0:y0 + s, x0:x0 + s]
+        out[n] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+    return out
+
+
+# HED colour deconvolution (Ruifrok & Johnston, as in scikit-image)
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED[2, :] = np.cross(_RGB_FROM_HED[0, :], _RGB_FROM_HED[1, :])
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+
+
+@dataclass
+class Augmenter:
+    """Native-resolution augmentations (no resized crops): flips, 90-degree rotations,
+    HED stain jitter, brightness/contrast/saturation jitter, light Gaussian blur, then
+    ImageNet normalisation. All randomness comes from the numpy ``rng`` passed in."""
+
+    hed_jitter: float = 0.05
+    color_jitter: float = 0.1
+    blur_prob: float = 0.1
+    blur_sigma: tuple = (0.1, 1.0)
+    enabled: bool = True
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    _hed: torch.Tensor = field(default=None, init=False, repr=False)
+    _rgb: torch.Tensor = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self._hed = torch.tensor(_HED_FROM_RGB, dtype=torch.float32)
+        self._rgb = torch.tensor(_RGB_FROM_HED, dtype=torch.float32)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """x: float [N, 3, T, T] in [0, 1] -> augmented and normalised."""
+        if not self.enabled:
+            return self.normalise(x)
+        N = x.shape[0]
+        flip_h = rng.random(N) < 0.5
+        flip_v = rng.random(N) < 0.5
+        rot = rng.integers(0, 4, size=N)
+        hed_a = rng.uniform(1 - self.hed_jitter, 1 + self.hed_jitter, size=(N, 3))
+        hed_b = rng.uniform(-self.hed_jitter, self.hed_jitter, size=(N, 3))
+        cj = self.color_jitter
+        bri = rng.uniform(1 - cj, 1 + cj, size=N)
+        con = rng.uniform(1 - cj, 1 + cj, size=N)
+        sat = rng.uniform(1 - cj, 1 + cj, size=N)
+        blur = rng.random(N) < self.blur_prob
+        sig = rng.uniform(self.blur_sigma[0], self.blur_sigma[1], size=N)
+
+        # geometry (exact pixel permutations)
+        out = []
+        for n in range(N):
+            t = x[n]
+            if flip_h[n]:
+                t = t.flip(-1)
+            if flip_v[n]:
+                t = t.flip(-2)
+            if rot[n]:
+                t = torch.rot90(t, int(rot[n]), dims=(-2, -1))
+            out.append(t)
+        x = torch.stack(out)
+
+        # HED stain jitter in optical density space
+        if self.hed_jitter > 0:
+            od = -torch.log(x.clamp(1.0 / 255.0, 1.0))                      # [N,3,H,W]
+            stains = torch.einsum("nchw,cd->ndhw", od, self._hed)
+            a = torch.as_tensor(hed_a, dtype=x.dtype).view(N, 3, 1, 1)
+            b = torch.as_tensor(hed_b, dtype=x.dtype).view(N, 3, 1, 1)
+            stains = stains * a + b
+            od = torch.einsum("ndhw,dc->nchw", stains, self._rgb)
+            x = torch.exp(-od).clamp(0.0, 1.0)
+
+        # brightness / contrast / saturation
+        if cj > 0:
+            x = (x * torch.as_tensor(bri, dtype=x.dtype).view(N, 1, 1, 1)).clamp(0, 1)
+            gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+            m = gray.mean(dim=(2, 3), keepdim=True)
+            x = (m + (x - m) * torch.as_tensor(con, dtype=x.dtype).view(N, 1, 1, 1)).clamp(0, 1)
+            gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+            x = (gray + (x - gray) * torch.as_tensor(sat, dtype=x.dtype).view(N, 1, 1, 1)).clamp(0, 1)
+
+        # light blur on a few views
+        for n in np.flatnonzero(blur):
+            s = float(sig[n])
+            r = torch.arange(-1, 2, dtype=x.dtype)
+            k1 = torch.exp(-(r ** 2) / (2 * s * s))
+            k1 = k1 / k1.sum()
+            k2 = (k1[:, None] * k1[None, :]).expand(3, 1, 3, 3)
+            t = F.pad(x[n:n + 1], (1, 1, 1, 1), mode="reflect")
+            x[n] = F.conv2d(t, k2, groups=3)[0]
+        return self.normalise(x)
+
+
+def _default_reader_factory(path: str):
+    from madflow.slides import SlideReader
+
+    return SlideReader(path)
+
+
+class MADBatchDataset(IterableDataset):
+    """Yields one ready batch per training step for steps ``start_step .. total_steps-1``.
+
+    Batch of step s on rank r is a pure function of (seed, s, r): the group (pair) is drawn
+    from ``rng(seed, s)`` (the same on every rank), rows from ``rng(seed, s, r, 0)`` and
+    augmentations from ``rng(seed, s, r, 1)``. With several DataLoader workers, worker w
+    produces the steps with ``(s - start_step) % n_workers == w``; the DataLoader returns
+    them in step order. Use with ``DataLoader(ds, batch_size=None)``.
+
+    Each item: ``{"step", "group", "teacher": [B,3,T,T], "student": [B,V,3,T,T],
+    "parents": [B], "children": [B, n]}`` (rows into ``index.df``).
+    """
+
+    def __init__(self, index: TileIndex, mode: str, pairs: dict, n_parents: int, n_local: int,
+                 seed: int, total_steps: int, start_step: int = 0, rank: int = 0,
+                 parent_view: bool = True, augmenter: Augmenter | None = None,
+                 reader_factory: Callable[[str], object] | None = None):
+        super().__init__()
+        if mode not in NETWORK_MODES:
+            raise ValueError(f"mode {mode!r} does not train a network (expected one of {NETWORK_MODES})")
+        self.index = index
+        self.mode = mode
+        self.groups = group_weights(mode, pairs)
+        for g in self.groups:  # fail early on pairs the tables cannot serve
+            if mode == "same_mag":
+                index.rows_at(float(g))
+            else:
+                index.eligible(parse_pair(g), n_local)
+        self.n_parents = int(n_parents)
+        self.n_local = int(n_local)
+        self.seed = int(seed)
+        self.total_steps = int(total_steps)
+        self.start_step = int(start_step)
+        self.rank = int(rank)
+        self.parent_view = bool(parent_view)
+        self.augmenter = augmenter if augmenter is not None else Augmenter()
+        self.reader_factory = reader_factory or _default_reader_factory
+        self._readers: dict = {}
+        self.tile_px = index.tile_px
+
+    # -- rng streams --------------------------------------------------------------------
+    def group_for_step(self, step: int) -> str:
+        return choose_group(self.groups, np.random.default_rng([self.seed, int(step), 7919]))
+
+    def rows_for_step(self, step: int) -> dict:
+        group = self.group_for_step(step)
+        rng = np.random.default_rng([self.seed, int(step), self.rank, 0])
+        return sample_batch(self.index, self.mode, group, self.n_parents, self.n_local, rng)
+
+    # -- pixels -------------------------------------------------------------------------
+    def _reader(self, path: str):
+        r = self._readers.get(path)
+        if r is None:
+            r = self._readers[path] = self.reader_factory(path)
+        return r
+
+    def read_rows(self, rows: np.ndarray) -> torch.Tensor:
+        """uint8 pixels of ``rows`` (any shape) -> float [*rows.shape, 3, T, T] in [0, 1]."""
+        flat = np.asarray(rows, dtype=np.int64).ravel()
+        uniq, inv = np.unique(flat, return_inverse=True)
+        sub = self.index.df.iloc[uniq]
+        T = self.tile_px
+        px = np.empty((len(uniq), T, T, 3), dtype=np.uint8)
+        paths = sub["path"].astype(str).to_numpy()
+        for path in pd.unique(paths):
+            sel = np.flatnonzero(paths == path)
+            imgs = np.asarray(self._reader(path).read_tiles(sub.iloc[sel]))
+            if imgs.shape != (len(sel), T, T, 3):
+                raise ValueError(f"reader returned {imgs.shape} for {len(sel)} tiles of {T} px from {path}")
+            px[sel] = imgs
+        t = torch.from_numpy(px).permute(0, 3, 1, 2).float().div_(255.0)
+        t = t[torch.from_numpy(inv.reshape(-1))]
+        return t.reshape(*np.shape(rows), 3, T, T)
+
+    def raw_views(self, rows: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-augmented teacher [B,3,T,T] and student [B,V,3,T,T] images in [0, 1]."""
+        parents, children = rows["parents"], rows["children"]
+        B, n = children.shape
+        T = self.tile_px
+        teacher = self.read_rows(parents)
+        if rows["interp"]:
+            prow = self.index.df.iloc[np.repeat(parents, n)]
+            crow = self.index.df.iloc[children.ravel()]
+            ppx = teacher.repeat_interleave(n, dim=0)
+            student = interp_views(ppx, prow, crow, T).reshape(B, n, 3, T, T)
+        elif rows["mode"] == "same_mag":
+            student = teacher.unsqueeze(1).expand(B, n, 3, T, T).clone()
+        else:
+            student = self.read_rows(children)
+        if self.parent_view:
+            student = torch.cat([student, teacher.unsqueeze(1)], dim=1)
+        return teacher, student
+
+    def batch_for_step(self, step: int) -> dict:
+        rows = self.rows_for_step(step)
+        teacher, student = self.raw_views(rows)
+        B, V = student.shape[:2]
+        T = self.tile_px
+        arng = np.random.default_rng([self.seed, int(step), self.rank, 1])
+        allv = self.augmenter(torch.cat([teacher, student.reshape(B * V, 3, T, T)]), arng)
+        return {
+            "step": int(step),
+            "group": rows["group"],
+            "teacher": allv[:B].contiguous(),
+            "student": allv[B:].reshape(B, V, 3, T, T).contiguous(),
+            "parents": torch.from_numpy(rows["parents"]),
+            "children": torch.from_numpy(rows["children"]),
+        }
+
+    def __iter__(self):
+        wi = get_worker_info()
+        wid, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        for step in range(self.start_step + wid, self.total_steps, nw):
+            yield self.batch_for_step(step)
+
+    def __len__(self):
+        return max(0, self.total_steps - self.start_step)

@@ -1,0 +1,120 @@
+"""Embeddings per slide per magnification (SPEC 8 notation e_m(t)): L2-normalised CLS
+embeddings of every tissue tile, read through the native tile reader, written in the
+TRIDENT `features`/`coords` layout (see docs/CONTRACTS.md)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from madflow.data import IMAGENET_MEAN, IMAGENET_STD
+from madflow.model import build_backbone, load_encoder
+from madflow.slides import SlideReader, mag_str
+from madflow.tiling import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+def color_stats(pixels: np.ndarray) -> np.ndarray:
+    """The shortcut floor: per-tile mean and std of each RGB channel (N, 6), in [0, 1]."""
+    x = pixels.reshape(len(pixels), -1, 3).astype(np.float32) / 255.0
+    return np.concatenate([x.mean(axis=1), x.std(axis=1)], axis=1)
+
+
+def build_encoder(settings: dict, model_cfg: dict, encoder_path: str | None, tile_px: int):
+    """(callable uint8 (N,T,T,3) -> float (N,D), description) for an experiment."""
+    mode = settings.get("mode", "mad")
+    if mode == "color_stats":
+        return color_stats, "color_stats (mean, std per RGB channel)"
+    if mode == "external":
+        backbone = build_backbone(settings["arch"], settings.get("kwargs") or {}, settings.get("checkpoint"), tile_px)
+        backbone.eval()
+        name = f"external:{settings['arch']}" + (f" ({settings['checkpoint']})" if settings.get("checkpoint") else "")
+    else:
+        backbone, meta = load_encoder(encoder_path)
+        name = f"{meta.get('arch')} teacher backbone ({mode}, seed {meta.get('seed')})"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone.to(device)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float().div_(255)
+        x = (x - mean) / std
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            feats = backbone(x)
+        return feats.float().cpu().numpy()
+
+    return forward, name
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def embed_slide(table_path: str, encode, encoder_name: str, out_path: str, batch_size: int = 256):
+    """Embed every tissue tile of one slide at every magnification it has."""
+    import h5py
+
+    grid = pd.read_parquet(table_path)
+    tiles = grid[grid["tissue"]].reset_index(drop=True)
+    slide_id = str(grid["slide_id"].iloc[0])
+    feats = {}
+    with SlideReader(grid["path"].iloc[0]) as reader:
+        for mag, rows in tiles.groupby("mag", sort=True):
+            chunks = []
+            for start in tqdm(range(0, len(rows), batch_size), desc=f"{slide_id} {mag_str(mag)}x", leave=False):
+                batch = rows.iloc[start : start + batch_size]
+                chunks.append(encode(reader.read_tiles(batch)))
+            feats[mag] = (rows, l2_normalise(np.concatenate(chunks)))
+            log.info("%s %sx: %d tiles embedded", slide_id, mag_str(mag), len(rows))
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as h5:
+            h5.attrs["slide_id"] = slide_id
+            h5.attrs["encoder"] = encoder_name
+            for mag, (rows, x) in feats.items():
+                g = h5.create_group(mag_str(mag) + "x")
+                g.create_dataset("features", data=x)
+                g.create_dataset("coords", data=rows[["x0", "y0"]].to_numpy(np.int64))
+                for col in ("i", "j", "k", "m"):
+                    g.create_dataset(col, data=rows[col].fillna(-1).to_numpy(np.int32))
+                g.attrs.update(
+                    encoder=encoder_name,
+                    magnification=float(mag),
+                    patch_size_level0=int(rows["size0"].iloc[0]),
+                    tile_px=int(rows["tile_px"].iloc[0]),
+                )
+
+    write_atomic(out_path, write)
+
+
+def load_embeddings(paths, tables) -> tuple[pd.DataFrame, np.ndarray]:
+    """Join embedding files with their tile tables: (tiles DataFrame, X) row-aligned."""
+    import h5py
+
+    frames, xs = [], []
+    for path, table in zip(paths, tables):
+        grid = pd.read_parquet(table)
+        with h5py.File(path, "r") as h5:
+            for name, g in h5.items():
+                mag = float(g.attrs["magnification"])
+                key = pd.DataFrame({c: g[c][:] for c in ("i", "j", "k", "m")})
+                key["mag"] = mag
+                rows = grid[grid["mag"] == mag].copy()
+                for c in ("k", "m"):
+                    rows[c] = rows[c].fillna(-1).astype(np.int32)
+                merged = key.merge(rows, on=["mag", "i", "j", "k", "m"], how="left", validate="1:1")
+                if merged["x0"].isna().any():
+                    raise ValueError(f"{path} [{name}]: tiles missing from the tile table {table}")
+                frames.append(merged)
+                xs.append(g["features"][:])
+    tiles = pd.concat(frames, ignore_index=True)
+    for c in ("k", "m"):
+        tiles[c] = tiles[c].astype("Int32").where(tiles[c] >= 0)
+    return tiles, np.concatenate(xs).astype(np.float32)

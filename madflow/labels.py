@@ -1,0 +1,118 @@
+"""Ground-truth labels for evaluation only: QuPath-style GeoJSON or a label-mask image.
+
+Both are turned into a per-class coverage raster on a regular grid (level-0 pixels per cell
+given by the caller), from which the tiler derives each tile's majority class and purity.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+class LabelError(Exception):
+    """An unreadable or malformed label file, named in the message."""
+
+
+def load_geojson(path) -> list[tuple[str, list]]:
+    """[(class_name, [polygon, ...])] where polygon = [exterior, *holes] in level-0 px."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LabelError(f"{path}: label file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LabelError(f"{path}: not valid GeoJSON ({err})") from None
+    features = data.get("features") if isinstance(data, dict) else data
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    if not isinstance(features, list):
+        raise LabelError(f"{path}: GeoJSON has no feature list")
+    shapes = []
+    for n, feat in enumerate(features):
+        try:
+            props = feat.get("properties") or {}
+            cls = props.get("classification", {}).get("name") or props.get("name")
+            geom = feat["geometry"]
+            if geom["type"] == "Polygon":
+                polys = [geom["coordinates"]]
+            elif geom["type"] == "MultiPolygon":
+                polys = geom["coordinates"]
+            else:
+                continue  # points/lines carry no area
+        except (AttributeError, KeyError, TypeError) as err:
+            raise LabelError(f"{path}: feature {n} is malformed ({err!r})") from None
+        if not cls:
+            raise LabelError(f"{path}: feature {n} has no classification.name")
+        shapes.append((str(cls), polys))
+    return shapes
+
+
+def load_mask(path) -> tuple[np.ndarray, dict[int, str]]:
+    """A label-mask image (any resolution, covering the whole slide) and its class table,
+    read from `<mask stem>.classes.tsv` beside it (columns: value, name; 0 = unlabelled)."""
+    path = Path(path)
+    table = path.with_name(path.stem + ".classes.tsv")
+    try:
+        mask = np.asarray(Image.open(path))
+    except (OSError, ValueError) as err:
+        raise LabelError(f"{path}: label mask cannot be read ({err})") from None
+    if mask.ndim != 2:
+        raise LabelError(f"{path}: label mask must be single-channel, got shape {mask.shape}")
+    if not table.exists():
+        raise LabelError(f"{path}: class table {table.name} not found beside the mask")
+    classes = {}
+    for line in table.read_text().splitlines()[1:]:
+        if line.strip():
+            value, name = line.split("\t")[:2]
+            classes[int(value)] = name.strip()
+    return mask, classes
+
+
+def check_labels(path) -> list[str]:
+    """Validate a label file; return its class names."""
+    if Path(path).suffix.lower() in (".geojson", ".json"):
+        return sorted({cls for cls, _ in load_geojson(path)})
+    return sorted(set(load_mask(path)[1].values()))
+
+
+def coverage(
+    path, grid_w: int, grid_h: int, cell0: float, slide_size: tuple[int, int]
+) -> tuple[np.ndarray, list[str]]:
+    """Per-class area fraction of each grid cell: float32 (n_classes, grid_h, grid_w).
+
+    Cell (r, c) covers level-0 [c*cell0, (c+1)*cell0) x [r*cell0, (r+1)*cell0). Rasterised
+    at `sub` x `sub` samples per cell, so fractions are accurate to 1/sub**2."""
+    sub = 4
+    w, h = grid_w * sub, grid_h * sub
+    scale = sub / cell0
+    if Path(path).suffix.lower() in (".geojson", ".json"):
+        shapes = load_geojson(path)
+        names = sorted({cls for cls, _ in shapes})
+        raster = Image.new("I", (w, h), 0)
+        draw = ImageDraw.Draw(raster)
+        for cls, polys in shapes:
+            value = names.index(cls) + 1
+            for rings in polys:
+                for r, ring in enumerate(rings):
+                    pts = [(x * scale, y * scale) for x, y in ring]
+                    if len(pts) >= 3:
+                        draw.polygon(pts, fill=value if r == 0 else 0)
+        index = np.asarray(raster, np.int32)
+    else:
+        mask, table = load_mask(path)
+        names = sorted(set(table.values()))
+        lut = np.zeros(max(int(mask.max()), max(table)) + 1, np.int32)
+        for value, name in table.items():
+            lut[value] = names.index(name) + 1
+        # the mask spans the whole slide; the grid may extend past it (padding = unlabelled)
+        mw = min(w, round(slide_size[0] * scale))
+        mh = min(h, round(slide_size[1] * scale))
+        index = np.zeros((h, w), np.int32)
+        index[:mh, :mw] = lut[np.asarray(Image.fromarray(mask).resize((mw, mh), Image.NEAREST))]
+    onehot = np.stack([(index == c + 1) for c in range(len(names))]).astype(np.float32)
+    frac = onehot.reshape(len(names), grid_h, sub, grid_w, sub).mean(axis=(2, 4))
+    return frac, names

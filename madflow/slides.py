@@ -1,0 +1,315 @@
+"""Open whole-slide images, resolve their magnification, read tiles at native pyramid levels.
+
+Pixels come from the stored pyramid level itself: level-0 coordinates map to a level by
+integer division by its nominal downsample, never through OpenSlide's sub-pixel
+interpolation (NOTES: up to ~70 grey levels off). TIFF-based slides (.svs, .tif, .ndpi, ...)
+are decoded tile by tile with tifffile/imagecodecs behind a small LRU cache of decoded
+tiles, which is what makes grid-order reads fast; other formats (.mrxs, ...) fall back to
+OpenSlide `read_region` at the level.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+NATIVE_TOLERANCE = 0.01  # a level is native for a magnification within 1% of the factor
+BACKGROUND = 255  # padding outside the slide: white, like glass
+
+
+class SlideError(Exception):
+    """A slide that cannot be used, with the slide named in the message."""
+
+
+def mag_str(mag: float) -> str:
+    """2.5 -> '2.5', 10.0 -> '10' (the form used in scopes, column and file names)."""
+    return f"{float(mag):g}"
+
+
+def mpp_to_mag(mpp: float) -> float:
+    """40x = 0.25 um/px, 20x = 0.5, 10x = 1.0 (SPEC section 3)."""
+    return 10.0 / mpp
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """Where to read a target magnification from: level, its downsample, native or resized."""
+
+    level: int
+    downsample: float
+    native: bool
+
+
+def choose_levels(
+    level_downsamples, base_mag: float, mags, tol: float = NATIVE_TOLERANCE
+) -> dict[float, LevelChoice | None]:
+    """Per target magnification: the native level (downsample within `tol` of base/mag),
+    else the nearest finer level (to be area-resized); None when mag is finer than base
+    (never invented)."""
+    plan: dict[float, LevelChoice | None] = {}
+    for mag in mags:
+        factor = base_mag / mag
+        if factor < 1 - tol:
+            plan[mag] = None
+            continue
+        native = [
+            (abs(d - factor) / factor, lvl)
+            for lvl, d in enumerate(level_downsamples)
+            if abs(d - factor) / factor <= tol
+        ]
+        if native:
+            lvl = min(native)[1]
+            plan[mag] = LevelChoice(lvl, float(level_downsamples[lvl]), True)
+            continue
+        finer = [(d, lvl) for lvl, d in enumerate(level_downsamples) if d <= factor * (1 + tol)]
+        d, lvl = max(finer)
+        plan[mag] = LevelChoice(lvl, float(d), False)
+    return plan
+
+
+def footprint_size(tile_px: int, base_mag: float, mag: float) -> int:
+    """Level-0 side of a tile of `tile_px` at `mag`: T * base / mag, required to be an integer
+    so that the hierarchy stays exact."""
+    size = Fraction(tile_px) * Fraction(base_mag).limit_denominator(1000) / Fraction(
+        mag
+    ).limit_denominator(1000)
+    if size.denominator != 1:
+        raise ValueError(
+            f"tile_px={tile_px} at {mag_str(mag)}x on a {mag_str(base_mag)}x slide covers "
+            f"{float(size)} level-0 px, not an integer: choose tile_px so that "
+            "tile_px * base / mag is whole"
+        )
+    return int(size)
+
+
+def resolve_base_mag(props, objective_power=None, mpp=None) -> tuple[float, float | None, str]:
+    """Base magnification from openslide.objective-power, else openslide.mpp-x, else the
+    manifest's overrides (SPEC section 3). Returns (base_mag, mpp, source)."""
+    slide_mpp = _as_float(props.get(openslide.PROPERTY_NAME_MPP_X))
+    power = _as_float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+    if power:
+        return power, slide_mpp or _as_float(mpp), "objective-power"
+    if slide_mpp:
+        return mpp_to_mag(slide_mpp), slide_mpp, "mpp"
+    if _as_float(objective_power):
+        return float(objective_power), _as_float(mpp), "manifest objective_power"
+    if _as_float(mpp):
+        return mpp_to_mag(float(mpp)), float(mpp), "manifest mpp"
+    raise SlideError(
+        "no magnification information: the slide has neither openslide.objective-power nor "
+        "openslide.mpp-x; add an objective_power or mpp column to its manifest row"
+    )
+
+
+def _as_float(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) and out > 0 else None
+
+
+def open_slide(path) -> openslide.OpenSlide:
+    """OpenSlide handle with errors that name the file and the cause."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: file not found")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError(f"{path}: not a slide format OpenSlide can read") from None
+    except openslide.OpenSlideError as err:
+        raise SlideError(f"{path}: OpenSlide cannot open it ({err})") from None
+
+
+class SlideReader:
+    """Reads tiles of one slide from its native levels (see module doc). One per process:
+    DataLoader workers each open their own (the file descriptor is not shared)."""
+
+    def __init__(self, path, cache_tiles: int = 512):
+        self.path = str(path)
+        self.slide = open_slide(path)
+        self.level_dimensions = self.slide.level_dimensions
+        self.level_downsamples = self.slide.level_downsamples
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_tiles = cache_tiles
+        self._pages = self._tiff_pages()
+        self._fd = os.open(self.path, os.O_RDONLY) if self._pages else None
+
+    @property
+    def backend(self) -> str:
+        return "tifffile" if self._pages else "openslide"
+
+    def _tiff_pages(self):
+        """The tiled TIFF page holding each OpenSlide level, or None if any is missing."""
+        try:
+            import tifffile
+
+            tif = tifffile.TiffFile(self.path)
+        except Exception:
+            return None
+        self._tif = tif
+        pages = []
+        for w, h in self.level_dimensions:
+            match = [
+                p
+                for p in tif.pages
+                if p.is_tiled and p.imagewidth == w and p.imagelength == h and p.samplesperpixel >= 3
+            ]
+            if not match:
+                tif.close()
+                return None
+            pages.append(match[0])
+        return pages
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._pages:
+            self._tif.close()
+        self.slide.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- pixels ------------------------------------------------------------------------
+    def _decoded_tile(self, level: int, ty: int, tx: int) -> np.ndarray:
+        key = (level, ty, tx)
+        tile = self._cache.get(key)
+        if tile is not None:
+            self._cache.move_to_end(key)
+            return tile
+        page = self._pages[level]
+        ntx = -(-page.imagewidth // page.tilewidth)
+        index = ty * ntx + tx
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        data = os.pread(self._fd, count, offset) if count else None
+        if count and len(data) != count:
+            raise SlideError(f"{self.path}: truncated file (tile {index} of level {level})")
+        segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        tile = np.asarray(segment).reshape(page.tilelength, page.tilewidth, -1)[..., :3]
+        self._cache[key] = tile
+        if len(self._cache) > self._cache_tiles:
+            self._cache.popitem(last=False)
+        return tile
+
+    def read_level_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of a region in the level's own pixel grid; white outside."""
+        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+        lw, lh = self.level_dimensions[level]
+        x_lo, y_lo, x_hi, y_hi = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if x_lo >= x_hi or y_lo >= y_hi:
+            return out
+        if not self._pages:
+            d = self.level_downsamples[level]
+            region = self.slide.read_region(
+                (round(x_lo * d), round(y_lo * d)), level, (x_hi - x_lo, y_hi - y_lo)
+            )
+            rgba = np.asarray(region)
+            # transparent (outside scanned area) -> background
+            rgb = np.where(rgba[..., 3:4] == 0, BACKGROUND, rgba[..., :3])
+            out[y_lo - y : y_hi - y, x_lo - x : x_hi - x] = rgb
+            return out
+        page = self._pages[level]
+        tw, th = page.tilewidth, page.tilelength
+        for ty in range(y_lo // th, (y_hi - 1) // th + 1):
+            for tx in range(x_lo // tw, (x_hi - 1) // tw + 1):
+                tile = self._decoded_tile(level, ty, tx)
+                ax0, ay0 = max(x_lo, tx * tw), max(y_lo, ty * th)
+                ax1, ay1 = min(x_hi, (tx + 1) * tw), min(y_hi, (ty + 1) * th)
+                out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = tile[
+                    ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw
+                ]
+        return out
+
+    def read_tile(self, row) -> np.ndarray:
+        """The tile of a tile-table row: uint8 (tile_px, tile_px, 3), native pixels, resized
+        (area) only where the row says native is False."""
+        get = row.__getitem__ if hasattr(row, "__getitem__") else lambda k: getattr(row, k)
+        level, size0, tile_px = int(get("level")), int(get("size0")), int(get("tile_px"))
+        step = round(float(get("downsample")))  # nominal integer downsample of the level
+        n = max(1, round(size0 / step))
+        region = self.read_level_region(
+            level, int(get("x0")) // step, int(get("y0")) // step, n, n
+        )
+        if n != tile_px:
+            region = np.asarray(Image.fromarray(region).resize((tile_px, tile_px), Image.BOX))
+        return region
+
+    def read_tiles(self, df) -> np.ndarray:
+        """uint8 (N, T, T, 3) for the rows of a tile-table DataFrame (all the same tile_px)."""
+        if len(df) == 0:
+            return np.zeros((0, 0, 0, 3), np.uint8)
+        tile_px = int(df["tile_px"].iloc[0])
+        out = np.empty((len(df), tile_px, tile_px, 3), np.uint8)
+        for n, row in enumerate(df[["x0", "y0", "size0", "tile_px", "level", "downsample"]].itertuples(index=False)):
+            out[n] = self.read_tile(row._asdict())
+        return out
+
+    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """Low-resolution RGB image of the whole slide and its downsample w.r.t. level 0.
+        Reads the coarsest level band by band and box-reduces, so memory stays bounded even
+        for a slide whose only level is gigapixel."""
+        level = len(self.level_dimensions) - 1
+        lw, lh = self.level_dimensions[level]
+        factor = max(1, -(-max(lw, lh) // max_side))
+        band = factor * max(1, 1024 // factor)
+        rows = []
+        for y in range(0, lh, band):
+            h = min(band, lh - y)
+            region = self.read_level_region(level, 0, y, lw, h)
+            rows.append(_box_reduce(region, factor))
+        return np.concatenate(rows, axis=0), self.level_downsamples[level] * factor
+
+
+def _box_reduce(img: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over factor x factor blocks (edges padded with background)."""
+    if factor == 1:
+        return img
+    h, w = img.shape[:2]
+    ph, pw = -(-h // factor) * factor, -(-w // factor) * factor
+    padded = np.full((ph, pw, img.shape[2]), BACKGROUND, np.float32)
+    padded[:h, :w] = img
+    reduced = padded.reshape(ph // factor, factor, pw // factor, factor, -1).mean(axis=(1, 3))
+    return reduced.round().astype(np.uint8)
+
+
+def check_readable(path) -> None:
+    """Raise SlideError if the slide's stored data runs past the end of the file (truncated
+    download/copy), then decode one tile of the coarsest level as a smoke test."""
+    size = os.path.getsize(path)
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            for page in tif.pages:
+                ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+                if len(ends) and ends.max() > size:
+                    raise SlideError(
+                        f"{path}: truncated file: image data runs to byte {int(ends.max())} "
+                        f"but the file has {size} bytes"
+                    )
+    except SlideError:
+        raise
+    except Exception:
+        pass  # not a TIFF container (e.g. .mrxs): OpenSlide's own read below checks it
+    with SlideReader(path) as reader:
+        level = len(reader.level_dimensions) - 1
+        w, h = reader.level_dimensions[level]
+        try:
+            reader.read_level_region(level, 0, 0, min(w, 256), min(h, 256))
+        except SlideError:
+            raise
+        except Exception as err:
+            raise SlideError(f"{path}: pixel data cannot be decoded ({err})") from None

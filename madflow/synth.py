@@ -1,0 +1,744 @@
+"""Procedural H&E-like whole-slide images: the embedded synthetic benchmark.
+
+Writes Aperio-style pyramidal TIFF (``.svs``) that OpenSlide opens as vendor ``aperio``
+(objective power 40, MPP 0.25, levels at downsample 1/4/16, 256 px JPEG tiles) plus a
+QuPath-style GeoJSON ground truth (one MultiPolygon feature per class, level-0 px).
+
+Design (see SPEC section 7):
+
+* Everything is rendered at level 0 (40x, 0.25 um/px) in physical units, so the
+  box-downsampled pyramid shows each scale by itself: nuclei at 40x (16 um tile field),
+  cell arrangement and fibres at 10x (64 um), architecture at 2.5x (256 um).
+* The class layout is a domain-warped Voronoi partition on a 16 px label grid (shared
+  with the GeoJSON, so the labels are exact); the tissue mask is the slide minus an
+  irregular margin and a few tears.
+* Rendering is fully procedural (hashed value noise, jittered-grid point processes,
+  stamped nucleus sprites), so any rectangle can be rendered on its own: level 0 is
+  written tile row by tile row from a generator and memory stays modest for any size.
+* No colour shortcut: each class is first rendered as canonical H&E optical density;
+  then each OD channel of each class is rank-transformed (histogram matched, exactly,
+  from a first pass over the slide) to one shared reference distribution (the 1-D
+  Wasserstein barycentre of the classes), and only then is the per-slide stain variation
+  (jittered H and E vectors and intensities, background tint) applied. Class means and
+  per-channel marginals are therefore equal within a slide, while stains vary across slides.
+* Scale confusers: tumour nuclei at 40x (8-13 um = 32-52 px), lymphoid micro-aggregates at
+  10x (32-48 um = 32-48 px) and necrotic debris clumps at 2.5x (~120-180 um = 30-45 px)
+  are dark round blobs of the same pixel size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+CLASSES: list[str] = ["tumor", "stroma", "lymphoid", "necrosis"]
+CLASS_COLORS = {"tumor": [200, 0, 0], "stroma": [150, 200, 150], "lymphoid": [160, 90, 160],
+                "necrosis": [50, 50, 50]}
+
+PX_PER_UM = 4.0          # level 0 = 40x = 0.25 um/px
+TILE = 256               # stored tile side (all levels)
+CELL = 16                # label grid cell, level-0 px (4 um)
+ARCH = 8                 # architecture field grid, level-0 px (2 um)
+NB = 1024                # OD histogram bins
+ODMAX = 3.0
+JPEG_Q = 90
+_NOISE = 512             # side of the periodic noise tiles (level-0 px)
+
+# canonical stain OD vectors (Ruifrok & Johnston), rows H, E
+_VH = np.array([0.650, 0.704, 0.286])
+_VE = np.array([0.072, 0.990, 0.105])
+_VH /= np.linalg.norm(_VH)
+_VE /= np.linalg.norm(_VE)
+
+# per-class pixel-shader constants (index = class)
+_HBG = np.array([0.10, 0.05, 0.12, 0.16], np.float32)     # diffuse haematoxylin
+_FAMP = np.array([0.08, 0.55, 0.0, 0.05], np.float32)     # fibre texture amplitude
+_GAMP = np.array([0.35, 0.25, 0.3, 0.9], np.float32)      # granular eosin noise
+
+
+def _um(v):
+    return v * PX_PER_UM
+
+
+# --------------------------------------------------------------------------- hashing/noise
+_P1 = np.uint64(0x9E3779B97F4A7C15)
+_P2 = np.uint64(0xC2B2AE3D27D4EB4F)
+
+
+def _mix64(z):
+    z = z ^ (z >> np.uint64(30))
+    z = z * np.uint64(0xBF58476D1CE4E5B9)
+    z = z ^ (z >> np.uint64(27))
+    z = z * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _hash01(ix, iy, key):
+    """Deterministic uniform [0, 1) float32 for integer lattice coordinates (broadcasting)."""
+    ix = np.atleast_1d(np.asarray(ix, dtype=np.int64)).astype(np.uint64)
+    iy = np.atleast_1d(np.asarray(iy, dtype=np.int64)).astype(np.uint64)
+    z = _mix64(ix * _P1 + iy * _P2 + np.uint64(key & 0xFFFFFFFFFFFFFFFF))
+    return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+def _vnoise(X, Y, scale, key):
+    """Smooth value noise in [0, 1] at level-0 px coordinates (feature size ~ scale px)."""
+    gx = np.asarray(X, np.float64) / scale
+    gy = np.asarray(Y, np.float64) / scale
+    fx0 = np.floor(gx)
+    fy0 = np.floor(gy)
+    fx = (gx - fx0).astype(np.float32)
+    fy = (gy - fy0).astype(np.float32)
+    fx = fx * fx * (3 - 2 * fx)
+    fy = fy * fy * (3 - 2 * fy)
+    ix = fx0.astype(np.int64)
+    iy = fy0.astype(np.int64)
+    v00 = _hash01(ix, iy, key)
+    v10 = _hash01(ix + 1, iy, key)
+    v01 = _hash01(ix, iy + 1, key)
+    v11 = _hash01(ix + 1, iy + 1, key)
+    return v00 + (v10 - v00) * fx + (v01 - v00) * fy + (v00 - v10 - v01 + v11) * (fx * fy)
+
+
+def _fbm(X, Y, scale, key, octaves=3):
+    tot = 0.0
+    amp = 1.0
+    norm = 0.0
+    for o in range(octaves):
+        tot = tot + amp * _vnoise(X, Y, scale / 2 ** o, key + 7919 * o)
+        norm += amp
+        amp *= 0.5
+    return tot / norm
+
+
+def _worley(X, Y, spacing, key, jitter=0.8):
+    """Nearest jittered-grid feature point: (distance px, hash of its cell, 2nd hash)."""
+    X, Y = np.broadcast_arrays(np.asarray(X, np.float64), np.asarray(Y, np.float64))
+    cx = np.floor(X / spacing).astype(np.int64)
+    cy = np.floor(Y / spacing).astype(np.int64)
+    best = np.full(X.shape, np.inf)
+    bx = np.zeros(X.shape, np.int64)
+    by = np.zeros(X.shape, np.int64)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            ix = cx + dx
+            iy = cy + dy
+            px = (ix + 0.5 + jitter * (_hash01(ix, iy, key) - 0.5)) * spacing
+            py = (iy + 0.5 + jitter * (_hash01(ix, iy, key + 1) - 0.5)) * spacing
+            d2 = (X - px) ** 2 + (Y - py) ** 2
+            better = d2 < best
+            best = np.where(better, d2, best)
+            bx = np.where(better, ix, bx)
+            by = np.where(better, iy, by)
+    return np.sqrt(best), _hash01(bx, by, key + 2), _hash01(bx, by, key + 3)
+
+
+def _smoothstep(a, b, x):
+    t = np.clip((x - a) / (b - a), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+# --------------------------------------------------------------------------- slide params
+class _Slide:
+    """All per-slide random parameters, drawn once from the seed."""
+
+    def __init__(self, seed: int, size: int):
+        if size % TILE or size < TILE:
+            raise ValueError(f"size must be a positive multiple of {TILE}, got {size}")
+        self.seed = int(seed)
+        self.size = int(size)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x5EED]))
+        self.key = int(rng.integers(1, 2 ** 62))
+        # biology: per-slide jitter of sizes/spacings (+-10-15%)
+        j = lambda lo=0.88, hi=1.12: float(rng.uniform(lo, hi))  # noqa: E731
+        self.gland_sp = _um(170) * j()
+        self.follicle_sp = _um(420) * j()
+        self.agg_sp = _um(48) * j(0.92, 1.08)
+        self.clump_sp = _um(260) * j()
+        self.fibre_dir = float(rng.uniform(0, np.pi))
+        self.fibre_lambda = _um(3.2) * j()
+        self.bundle_lambda = _um(45) * j()
+        self.nuc_scale = [j(0.9, 1.1) for _ in CLASSES]
+        # stain variation (applied after the per-class rank transform)
+        vh = np.clip(_VH + rng.normal(0, 0.08, 3), 0.02, None)
+        ve = np.clip(_VE + rng.normal(0, 0.08, 3), 0.02, None)
+        self.vh = vh / np.linalg.norm(vh)
+        self.ve = ve / np.linalg.norm(ve)
+        self.sh = float(rng.uniform(0.7, 1.35))
+        self.se = float(rng.uniform(0.7, 1.35))
+        m0 = np.stack([_VH, _VE])                      # (2, 3)
+        ms = np.stack([self.sh * self.vh, self.se * self.ve])
+        pinv = np.linalg.pinv(m0)                      # (3, 2)
+        self.stain_mix = (pinv @ ms + (np.eye(3) - pinv @ m0)).astype(np.float32)
+        self.bg_od = rng.uniform(0.015, 0.05, 3).astype(np.float32)
+        # periodic noise tiles (seamless, aligned to absolute coordinates)
+        from scipy.ndimage import gaussian_filter
+
+        def ntile(sigma):
+            a = gaussian_filter(rng.random((_NOISE, _NOISE)), sigma, mode="wrap")
+            a = (a - a.mean()) / (a.std() + 1e-9)
+            return a.astype(np.float32)
+
+        self.n_fine = ntile(0.7)
+        self.n_mid = ntile(2.5)
+        self.n_edge = ntile(6.0)
+        self.sprites = _make_sprites(rng, self.nuc_scale)
+        self._layout(rng)
+
+    # ----------------------------------------------------------------- layout (label grid)
+    def _layout(self, rng):
+        S = self.size
+        n = S // CELL
+        g = max(2, int(round(S / 2048)))
+        cs = S / g
+        self.cs = cs
+        self.g = g
+        self.seed_jx = rng.uniform(-0.12, 0.12, (g, g))
+        self.seed_jy = rng.uniform(-0.12, 0.12, (g, g))
+        reps = np.resize(np.arange(len(CLASSES)), g * g)
+        self.seed_cls = rng.permutation(reps).reshape(g, g).astype(np.uint8)
+        cls = np.empty((n, n), np.uint8)
+        tis = np.empty((n, n), bool)
+        k = self.key
+        xs = (np.arange(n) + 0.5) * CELL
+        step = max(1, 1_000_000 // n)
+        for r0 in range(0, n, step):
+            Y = ((np.arange(r0, min(n, r0 + step)) + 0.5) * CELL)[:, None]
+            X = xs[None, :]
+            # domain-warped Voronoi over the jittered seed grid (3x3 neighbourhood)
+            wx = X + 0.22 * cs * (_fbm(X, Y, 0.6 * cs, k + 11) - 0.5) * 2
+            wy = Y + 0.22 * cs * (_fbm(X, Y, 0.6 * cs, k + 13) - 0.5) * 2
+            gi = np.clip(np.floor(wy / cs).astype(int), 0, g - 1)
+            gj = np.clip(np.floor(wx / cs).astype(int), 0, g - 1)
+            best = np.full(wx.shape, np.inf)
+            lab = np.zeros(wx.shape, np.uint8)
+            for di in (-1, 0, 1):
+                for dj in (-1, 0, 1):
+                    ii = np.clip(gi + di, 0, g - 1)
+                    jj = np.clip(gj + dj, 0, g - 1)
+                    sx = (jj + 0.5 + self.seed_jx[ii, jj]) * cs
+                    sy = (ii + 0.5 + self.seed_jy[ii, jj]) * cs
+                    d2 = (wx - sx) ** 2 + (wy - sy) ** 2
+                    b = d2 < best
+                    best = np.where(b, d2, best)
+                    lab = np.where(b, self.seed_cls[ii, jj], lab)
+            cls[r0:r0 + len(lab)] = lab
+            # tissue: slide minus an irregular margin, minus a few tears
+            X2, Y2 = np.broadcast_arrays(X, Y)
+            db = np.minimum(np.minimum(X2, Y2), np.minimum(S - X2, S - Y2))
+            margin = S * (0.02 + 0.07 * _fbm(X, Y, S / 4, k + 17)) + _um(40) * (
+                _fbm(X, Y, _um(70), k + 19) - 0.5) * 2
+            holes = _fbm(X, Y, _um(90), k + 23, octaves=2) > 0.80
+            tis[r0:r0 + len(lab)] = (db > margin) & ~holes
+        self.cls_grid = cls
+        self.tis_grid = tis
+
+    # ----------------------------------------------------------------- architecture
+    def psi(self, X, Y):
+        """Stream function of the stroma fibres (px): fibres follow its contours."""
+        c, s = np.cos(self.fibre_dir), np.sin(self.fibre_dir)
+        return (-X * s + Y * c) + _um(70) * (_fbm(X, Y, _um(160), self.key + 31, 2) - 0.5) * 2
+
+    def arch(self, c, X, Y):
+        """(cellularity in [0,1], eosin level) of class c at points X, Y (1-D arrays, px)."""
+        k = self.key + 1000 * (c + 1)
+        if c == 0:  # tumour: glands with lumens lined by crowded epithelium, solid nests
+            d, h1, h2 = _worley(X, Y, self.gland_sp, k, 0.7)
+            rl = _um(12) + _um(30) * h1
+            t = _um(18) + _um(12) * h2
+            lum = 1 - _smoothstep(rl - _um(2), rl + _um(2), d)
+            ring = 1 - _smoothstep(rl + t - _um(4), rl + t + _um(4), d)
+            dens = (1 - lum) * (0.38 + 0.62 * ring)
+            ecm = 0.12 * lum + (1 - lum) * (0.5 + 0.2 * (1 - ring))
+        elif c == 1:  # stroma: fascicles (bundles and clefts) of collagen, sparse spindles
+            ps = self.psi(X, Y)
+            b = 0.5 + 0.5 * np.sin(2 * np.pi * ps / self.bundle_lambda
+                                   + 4 * _vnoise(X, Y, _um(90), k + 1))
+            dens = 0.2 + 0.45 * b
+            ecm = 0.15 + 0.75 * _smoothstep(0.1, 0.6, b)
+        elif c == 2:  # lymphoid: follicles (germinal centre + mantle) and micro-aggregates
+            d, h1, _ = _worley(X, Y, self.follicle_sp, k, 0.6)
+            rf = _um(130) + _um(50) * h1
+            gc = 1 - _smoothstep(0.45 * rf, 0.65 * rf, d)
+            foll = 1 - _smoothstep(0.9 * rf, 1.1 * rf, d)
+            d2, a1, _ = _worley(X, Y, self.agg_sp, k + 5, 0.8)
+            ra = _um(16) + _um(8) * a1             # 32-48 um aggregates (10x confuser)
+            agg = 1 - _smoothstep(ra - _um(3), ra + _um(3), d2)
+            base = 0.8 + 0.2 * foll * (1 - gc) - 0.25 * gc
+            dens = base * (0.5 + 0.5 * agg)
+            ecm = 0.28 + 0.25 * gc
+        else:  # necrosis: geographic debris clumps (2.5x confuser) in granular eosin
+            dj = _um(25) * (_fbm(X, Y, _um(40), k + 7, 2) - 0.5) * 2
+            d, h1, _ = _worley(X, Y, self.clump_sp, k, 0.8)
+            rc = _um(55) + _um(35) * h1
+            clump = 1 - _smoothstep(rc - _um(10), rc + _um(10), d + dj)
+            dens = 0.12 + 0.88 * clump
+            ecm = 0.75 - 0.3 * clump
+        return np.asarray(dens, np.float32), np.asarray(ecm, np.float32)
+
+
+# --------------------------------------------------------------------------- sprites
+def _blob(rng, a, b, angle, rough, R=None):
+    """Irregular ellipse: returns (alpha in [0,1], radial coordinate r/boundary, yy, xx)."""
+    if R is None:
+        R = int(np.ceil(max(a, b) * (1 + rough) + 2))
+    yy, xx = np.mgrid[-R:R + 1, -R:R + 1].astype(np.float32)
+    ca, sa = np.cos(angle), np.sin(angle)
+    u = (xx * ca + yy * sa) / a
+    v = (-xx * sa + yy * ca) / b
+    r = np.sqrt(u * u + v * v)
+    phi = np.arctan2(v, u)
+    bd = np.ones_like(r)
+    for kk in range(2, 6):
+        bd += rough * rng.normal(0, 1) / kk * np.cos(kk * phi + rng.uniform(0, 2 * np.pi))
+    rho = r / bd
+    scale = min(a, b)
+    alpha = np.clip((1 - rho) * scale + 0.5, 0, 1)       # ~1 px anti-aliased edge
+    return alpha, rho, yy, xx
+
+
+def _speckle(rng, shape, sigma):
+    from scipy.ndimage import gaussian_filter
+
+    s = gaussian_filter(rng.random(shape), sigma)
+    return ((s - s.mean()) / (s.std() + 1e-9)).astype(np.float32)
+
+
+def _make_sprites(rng, nuc_scale):
+    """Nucleus sprite banks (haematoxylin density) per class; stroma banks by angle bin."""
+    sp = {}
+    # tumour: large pleomorphic vesicular nuclei, chromatin rim, 1-2 nucleoli (8-13 um)
+    bank = []
+    for _ in range(48):
+        a = _um(rng.uniform(4.0, 6.5)) * nuc_scale[0]
+        b = a / rng.uniform(1.0, 1.5)
+        al, rho, yy, xx = _blob(rng, a, b, rng.uniform(0, np.pi), 0.10)
+        rim = np.exp(-((1 - rho) * a / 3.0) ** 2)
+        val = al * (0.42 + 0.45 * rim + 0.12 * _speckle(rng, al.shape, 1.2))
+        for _n in range(rng.integers(1, 3)):
+            cy, cx = rng.normal(0, b * 0.25), rng.normal(0, a * 0.25)
+            rn = _um(rng.uniform(0.6, 1.0))
+            val = np.maximum(val, al * np.clip(rn + 0.5 - np.hypot(yy - cy, xx - cx), 0, 1))
+        bank.append(np.clip(val, 0, 1).astype(np.float32))
+    sp[0] = bank
+    # stroma: spindle nuclei, 12-18 um x 2.5-3.5 um, dense, 16 orientation bins
+    banks = []
+    for ab in range(16):
+        bank = []
+        for _ in range(4):
+            a = _um(rng.uniform(6.0, 9.0)) * nuc_scale[1]
+            b = _um(rng.uniform(1.2, 1.75)) * nuc_scale[1]
+            ang = (ab + rng.uniform(-0.5, 0.5)) * np.pi / 16
+            al, _, _, _ = _blob(rng, a, b, ang, 0.05)
+            bank.append((al * (0.85 + 0.1 * _speckle(rng, al.shape, 1.0))).clip(0, 1)
+                        .astype(np.float32))
+        banks.append(bank)
+    sp[1] = banks
+    # lymphoid: small round dark nuclei 5-7 um, clumped chromatin
+    bank = []
+    for _ in range(32):
+        a = _um(rng.uniform(2.5, 3.5)) * nuc_scale[2]
+        al, _, _, _ = _blob(rng, a, a * rng.uniform(0.9, 1.0), rng.uniform(0, np.pi), 0.06)
+        bank.append((al * (0.9 + 0.15 * _speckle(rng, al.shape, 0.8))).clip(0, 1)
+                    .astype(np.float32))
+    sp[2] = bank
+    # necrosis: karyorrhectic fragments 1-3 um (dark) ...
+    bank = []
+    for _ in range(32):
+        a = _um(rng.uniform(0.5, 1.5)) * nuc_scale[3]
+        al, _, _, _ = _blob(rng, a, a / rng.uniform(1.0, 1.8), rng.uniform(0, np.pi), 0.25)
+        bank.append((al * rng.uniform(0.7, 1.0)).astype(np.float32))
+    sp[3] = bank
+    # ... and ghost-cell outlines (faint rings, 7-9 um)
+    bank = []
+    for _ in range(16):
+        a = _um(rng.uniform(3.5, 4.5))
+        al, rho, _, _ = _blob(rng, a, a / rng.uniform(1.0, 1.3), rng.uniform(0, np.pi), 0.1)
+        ring = np.exp(-((1 - rho) * a / 1.6) ** 2) * (rho < 1.3)
+        bank.append((0.3 * ring).astype(np.float32))
+    sp[4] = bank
+    return sp
+
+
+# point processes: (sprite bank, spacing um, jitter, class)
+_PROCS = [(0, 12.5, 0.8, 0), (1, 16.0, 1.0, 1), (2, 7.5, 0.8, 2), (3, 5.0, 1.0, 3),
+          (4, 11.0, 1.0, 3)]
+
+
+# --------------------------------------------------------------------------- rendering
+def _lin_idx(n_out, f, x0, a0):
+    c = (np.arange(n_out) + x0 + 0.5) / f - 0.5 - a0
+    i0 = np.floor(c).astype(np.intp)
+    return i0, (c - i0).astype(np.float32)
+
+
+def _upsample(a, f, x0, y0, w, h, ax0, ay0):
+    """Bilinear (pixel-centre aligned) upsampling of a coarse block whose cell (0, 0) is
+    coarse cell (ay0, ax0) of a grid with f px cells, to level-0 pixels of the rect."""
+    iy, wy = _lin_idx(h, f, y0, ay0)
+    ix, wx = _lin_idx(w, f, x0, ax0)
+    t = a[iy] * (1 - wy)[:, None] + a[iy + 1] * wy[:, None]
+    return t[:, ix] * (1 - wx) + t[:, ix + 1] * wx
+
+
+def _grid_block(grid, f_cells, x0, y0, w, h):
+    """Block of a full-slide grid (cells of f px) covering the rect with a 1-cell margin,
+    clamped at the slide edges; returns (block, ax0, ay0)."""
+    n0, n1 = grid.shape
+    ay0 = y0 // f_cells - 1
+    ax0 = x0 // f_cells - 1
+    rows = np.clip(np.arange(ay0, (y0 + h) // f_cells + 1), 0, n0 - 1)
+    cols = np.clip(np.arange(ax0, (x0 + w) // f_cells + 1), 0, n1 - 1)
+    return grid[np.ix_(rows, cols)], ax0, ay0
+
+
+def _cls_at(P, X, Y):
+    gy = np.clip((np.asarray(Y) // CELL).astype(np.intp), 0, P.cls_grid.shape[0] - 1)
+    gx = np.clip((np.asarray(X) // CELL).astype(np.intp), 0, P.cls_grid.shape[1] - 1)
+    return P.cls_grid[gy, gx]
+
+
+def _tile_noise(t, x0, y0, w, h):
+    rows = np.arange(y0, y0 + h) % _NOISE
+    cols = np.arange(x0, x0 + w) % _NOISE
+    return t[rows][:, cols]
+
+
+def _render_rect(P: _Slide, x0, y0, w, h):
+    """Canonical-stain rendering of a rect: (class (h,w) uint8, tissue alpha (h,w) float32,
+    canonical OD (h,w,3) float32)."""
+    # class per pixel (nearest on the 4 um label grid) and soft tissue alpha
+    cb, cx0, cy0 = _grid_block(P.cls_grid, CELL, x0, y0, w, h)
+    cls = np.repeat(np.repeat(cb[1:-1, 1:-1], CELL, 0), CELL, 1)
+    tb, _, _ = _grid_block(P.tis_grid, CELL, x0, y0, w, h)
+    m = _upsample(tb.astype(np.float32), CELL, x0, y0, w, h, cx0, cy0)
+    edge = 4 * m * (1 - m)          # irregular (noisy) only along the tissue border
+    m = np.clip((m - 0.5 + 0.3 * edge * _tile_noise(P.n_edge, x0, y0, w, h)) * 3 + 0.5, 0, 1)
+
+    # architecture on a 2 um grid (each coarse point evaluated for its own class only)
+    ax0, ay0 = x0 // ARCH - 1, y0 // ARCH - 1
+    nx, ny = w // ARCH + 2, h // ARCH + 2
+    AX = ((np.arange(nx) + ax0 + 0.5) * ARCH)[None, :].repeat(ny, 0)
+    AY = ((np.arange(ny) + ay0 + 0.5) * ARCH)[:, None].repeat(nx, 1)
+    acls = _cls_at(P, AX, AY)
+    ecm = np.zeros((ny, nx), np.float32)
+    for c in range(len(CLASSES)):
+        sel = acls == c
+        if sel.any():
+            ecm[sel] = P.arch(c, AX[sel], AY[sel])[1]
+    ecm_px = _upsample(ecm, ARCH, x0, y0, w, h, ax0, ay0)
+    fib = None
+    if np.any(_FAMP[cls] > 0):
+        psi = P.psi(AX, AY).astype(np.float32)
+        psi_px = _upsample(psi - psi[0, 0], ARCH, x0, y0, w, h, ax0, ay0) + psi[0, 0]
+        fib = 0.5 + 0.5 * np.sin((2 * np.pi / P.fibre_lambda) * psi_px
+                                 + 1.5 * _tile_noise(P.n_edge, x0 + 97, y0 + 53, w, h))
+
+    # nuclei: stamp sprites from jittered-grid point processes (max compositing)
+    M = 48
+    H = np.zeros((h + 2 * M, w + 2 * M), np.float32)
+    for bank_id, spacing_um, jit, c in _PROCS:
+        s = _um(spacing_um)
+        i0, i1 = int(np.floor((x0 - M) / s)), int(np.floor((x0 + w + M) / s))
+        j0, j1 = int(np.floor((y0 - M) / s)), int(np.floor((y0 + h + M) / s))
+        ix, iy = np.meshgrid(np.arange(i0, i1 + 1), np.arange(j0, j1 + 1))
+        ix, iy = ix.ravel(), iy.ravel()
+        kk = P.key + 50_000 * (bank_id + 1)
+        px = (ix + 0.5 + jit * (_hash01(ix, iy, kk) - 0.5)) * s
+        py = (iy + 0.5 + jit * (_hash01(ix, iy, kk + 1) - 0.5)) * s
+        ok = ((px >= x0 - M) & (px < x0 + w + M) & (py >= y0 - M) & (py < y0 + h + M)
+              & (px >= 0) & (py >= 0) & (px < P.size) & (py < P.size))
+        ok &= _cls_at(P, px, py) == c
+        if not ok.any():
+            continue
+        ix, iy, px, py = ix[ok], iy[ok], px[ok], py[ok]
+        dens = P.arch(c, px, py)[0]
+        if bank_id == 4:  # ghost cells live where the debris is sparse
+            dens = 0.7 * (1 - dens)
+        acc = _hash01(ix, iy, kk + 2) < dens
+        if not acc.any():
+            continue
+        ix, iy, px, py = ix[acc], iy[acc], px[acc], py[acc]
+        pick = _hash01(ix, iy, kk + 3)
+        amp = 0.8 + 0.3 * _hash01(ix, iy, kk + 4)
+        if bank_id == 1:  # spindles follow the fibres: orientation from grad(psi)
+            e = 4.0
+            gx = P.psi(px + e, py) - P.psi(px - e, py)
+            gy = P.psi(px, py + e) - P.psi(px, py - e)
+            ang = (np.arctan2(gy, gx) + np.pi / 2) % np.pi
+            abin = (np.floor(ang / np.pi * 16).astype(int)) % 16
+            sprites = [P.sprites[1][a][int(p * 4)] for a, p in zip(abin, pick)]
+        else:
+            bank = P.sprites[bank_id]
+            sprites = [bank[int(p * len(bank))] for p in pick]
+        cxs = np.floor(px - x0).astype(int) + M
+        cys = np.floor(py - y0).astype(int) + M
+        for spr, cxp, cyp, a in zip(sprites, cxs, cys, amp):
+            r = spr.shape[0] // 2
+            ya, xa = cyp - r, cxp - r
+            if ya < 0 or xa < 0 or ya + spr.shape[0] > H.shape[0] or xa + spr.shape[1] > H.shape[1]:
+                continue
+            view = H[ya:ya + spr.shape[0], xa:xa + spr.shape[1]]
+            np.maximum(view, spr * a, out=view)
+    H = H[M:M + h, M:M + w]
+
+    # pixel shader: canonical H and E concentrations -> OD
+    nf = _tile_noise(P.n_fine, x0, y0, w, h)
+    nm = _tile_noise(P.n_mid, x0, y0, w, h)
+    H = H + _HBG[cls] * (1 + 0.4 * nm)
+    E = ecm_px * (1 + _GAMP[cls] * 0.35 * nf)
+    if fib is not None:
+        fa = _FAMP[cls]
+        E = E * (1 - fa + fa * fib)
+    E = np.clip(E * (1 - 0.45 * np.minimum(H, 1)), 0, None)
+    H = np.clip(H, 0, None)
+    od = (0.03 + H[..., None] * (1.1 * _VH.astype(np.float32))
+          + E[..., None] * (0.8 * _VE.astype(np.float32)))
+    return cls, m.astype(np.float32), od.astype(np.float32)
+
+
+def _quant(od):
+    return np.minimum(od * (NB / ODMAX), NB - 1).astype(np.intp)
+
+
+def _rects(size):
+    cw = min(size, 4096)
+    for y0 in range(0, size, TILE):
+        yield y0, [(x0, min(cw, size - x0)) for x0 in range(0, size, cw)]
+
+
+def _calibrate(P: _Slide):
+    """First pass: per-class per-channel OD histograms of tissue pixels, then LUTs that map
+    each class's distribution exactly onto the shared (barycentre) reference."""
+    C = len(CLASSES)
+    hist = np.zeros((C, 3, NB), np.float64)
+    bands = list(_rects(P.size))
+    if len(bands) > 24:  # large slides: a spread subset of tile rows is enough
+        idx = np.linspace(0, len(bands) - 1, 24).round().astype(int)
+        bands = [bands[i] for i in idx]
+    for y0, cols in bands:
+        for x0, w in cols:
+            cls, m, od = _render_rect(P, x0, y0, w, TILE)
+            t = m > 0.5
+            cl = cls[t].astype(np.intp) * NB
+            for ch in range(3):
+                hist[:, ch] += np.bincount(cl + _quant(od[..., ch][t]), minlength=C * NB
+                                           ).reshape(C, NB)
+    probs = (np.arange(NB) + 0.5) / NB
+    centres = (np.arange(NB) + 0.5) * (ODMAX / NB)
+    pooled = hist.sum(0)
+    quant = np.zeros((C, 3, NB))
+    present = hist.sum(2)[:, 0] > 1000
+    for c in range(C):
+        for ch in range(3):
+            hh = hist[c, ch] if present[c] else pooled[ch]
+            cdf = np.cumsum(hh) / hh.sum()
+            quant[c, ch] = np.interp(probs, cdf, centres)
+    ref = quant[present].mean(0) if present.any() else quant.mean(0)   # (3, NB)
+    lut = np.zeros((C, 3, NB), np.float32)
+    for c in range(C):
+        for ch in range(3):
+            hh = hist[c, ch] if present[c] else pooled[ch]
+            cdf = np.cumsum(hh) / hh.sum()
+            cmid = cdf - 0.5 * hh / hh.sum()
+            lut[c, ch] = np.interp(cmid, probs, ref[ch])
+    return lut
+
+
+def _render_rgb(P: _Slide, lut, x0, y0, w, h):
+    cls, m, od = _render_rect(P, x0, y0, w, h)
+    base = cls.astype(np.intp) * (3 * NB)
+    flat = lut.reshape(-1)
+    ref = np.empty_like(od)
+    for ch in range(3):
+        ref[..., ch] = flat[base + ch * NB + _quant(od[..., ch])]
+    od_t = ref @ P.stain_mix
+    nm = _tile_noise(P.n_mid, x0 + 211, y0 + 17, w, h)
+    od_bg = P.bg_od + 0.006 * nm[..., None]
+    m3 = m[..., None]
+    out = m3 * od_t + (1 - m3) * od_bg
+    rgb = 255.0 * np.exp(-np.clip(out, 0, None))
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- writing
+def _description(size, name):
+    return (f"Aperio Image Library v12.0.15 madflow-synth\r\n{size}x{size} [0,0 {size}x{size}]"
+            f" ({TILE}x{TILE}) JPEG/RGB Q={JPEG_Q}|AppMag = 40|MPP = 0.25"
+            f"|Filename = {name}|Synthetic = madflow.synth")
+
+
+def _atomic_path(path: Path):
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _write_svs(P: _Slide, lut, path: Path):
+    import tifffile
+
+    S = P.size
+    s1, s2 = S // 4, S // 16
+    tmpdir_files = []
+    if S > 16384:  # keep level 1 on disk for very large slides
+        fd, mm = tempfile.mkstemp(suffix=".lvl1", dir=path.parent)
+        os.close(fd)
+        tmpdir_files.append(mm)
+        lvl1 = np.memmap(mm, np.uint8, "w+", shape=(s1, s1, 3))
+    else:
+        lvl1 = np.empty((s1, s1, 3), np.uint8)
+    lvl2 = np.empty((s2, s2, 3), np.uint8)
+
+    def tiles():
+        for y0, cols in _rects(S):
+            band = np.empty((TILE, S, 3), np.uint8)
+            for x0, w in cols:
+                band[:, x0:x0 + w] = _render_rgb(P, lut, x0, y0, w, TILE)
+            b1 = band.reshape(TILE // 4, 4, s1, 4, 3).mean((1, 3), dtype=np.float32)
+            b1 = np.floor(b1 + 0.5).astype(np.uint8)
+            lvl1[y0 // 4:y0 // 4 + TILE // 4] = b1
+            b2 = b1.reshape(TILE // 16, 4, s2, 4, 3).mean((1, 3), dtype=np.float32)
+            lvl2[y0 // 16:y0 // 16 + TILE // 16] = np.floor(b2 + 0.5).astype(np.uint8)
+            for tx in range(0, S, TILE):
+                yield band[:, tx:tx + TILE]
+
+    tmp = _atomic_path(path)
+    kw = dict(tile=(TILE, TILE), photometric="rgb", compression="jpeg",
+              compressionargs={"level": JPEG_Q}, metadata=None, software=False)
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=S > 32768) as tif:
+            tif.write(tiles(), shape=(S, S, 3), dtype=np.uint8,
+                      description=_description(S, path.stem), **kw)
+            if isinstance(lvl1, np.memmap):
+                lvl1.flush()
+            tif.write(lvl1, description=f"Aperio Image Library {s1}x{s1} -> level 1", **kw)
+            tif.write(lvl2, description=f"Aperio Image Library {s2}x{s2} -> level 2", **kw)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        del lvl1
+        for f in tmpdir_files:
+            os.unlink(f)
+
+
+def _label_polygons(P: _Slide):
+    """Per class: a shapely (Multi)Polygon in level-0 px, exactly the label grid cells."""
+    import shapely
+
+    lab = np.where(P.tis_grid, P.cls_grid.astype(np.int16) + 1, 0)
+    out = {}
+    for c, name in enumerate(CLASSES):
+        mk = lab == c + 1
+        if not mk.any():
+            continue
+        pad = np.zeros((mk.shape[0], mk.shape[1] + 2), np.int8)
+        pad[:, 1:-1] = mk
+        d = np.diff(pad, axis=1)
+        rs, xs = np.nonzero(d == 1)
+        re, xe = np.nonzero(d == -1)   # same row order as starts
+        boxes = shapely.box(xs * CELL, rs * CELL, xe * CELL, (re + 1) * CELL)
+        geom = shapely.union_all(boxes)
+        out[name] = shapely.normalize(geom)
+    return out
+
+
+def _write_geojson(P: _Slide, path: Path):
+    import shapely
+
+    feats = []
+    for name, geom in _label_polygons(P).items():
+        gj = json.loads(shapely.to_geojson(geom))
+        feats.append({"type": "Feature", "id": f"{path.stem}-{name}",
+                      "geometry": gj,
+                      "properties": {"objectType": "annotation",
+                                     "classification": {"name": name,
+                                                        "color": CLASS_COLORS[name]}}})
+    tmp = _atomic_path(path)
+    try:
+        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------- public API
+def make_slide(path, seed: int, size: int = 4096, *, labels_path=None) -> dict:
+    """Write one synthetic Aperio slide at `path` (and its GeoJSON at `labels_path`).
+
+    Returns a small summary: seed, size, stain parameters, tissue fraction and per-class
+    area fractions (of the whole slide) from the label grid.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    P = _Slide(seed, size)
+    lut = _calibrate(P)
+    _write_svs(P, lut, path)
+    if labels_path is not None:
+        labels_path = Path(labels_path)
+        labels_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_geojson(P, labels_path)
+    n = P.cls_grid.size
+    areas = {name: float(np.sum(P.tis_grid & (P.cls_grid == c)) / n)
+             for c, name in enumerate(CLASSES)}
+    return {
+        "path": str(path), "labels": str(labels_path) if labels_path else None,
+        "seed": int(seed), "size": int(size),
+        "stain": {"h_vector": [round(float(v), 4) for v in P.vh],
+                  "e_vector": [round(float(v), 4) for v in P.ve],
+                  "h_scale": round(P.sh, 4), "e_scale": round(P.se, 4),
+                  "background_od": [round(float(v), 4) for v in P.bg_od]},
+        "tissue_frac": float(P.tis_grid.mean()),
+        "class_area_frac": areas,
+    }
+
+
+def slide_seed(seed: int, k: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(k), 0xD3A0]).generate_state(1)[0])
+
+
+def make_demo(outdir, n_slides: int, size: int, seed: int, n_test: int) -> Path:
+    """Write `n_slides` slides + GeoJSON and `manifest.tsv` (slide_id, path, labels, split)."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    if not 0 <= n_test <= n_slides:
+        raise ValueError(f"n_test must be in [0, n_slides], got {n_test} of {n_slides}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B17]))
+    test = set(rng.choice(n_slides, n_test, replace=False).tolist()) if n_test else set()
+    rows = ["slide_id\tpath\tlabels\tsplit"]
+    for k in range(n_slides):
+        sid = f"slide_{k:02d}"
+        make_slide(outdir / f"{sid}.svs", slide_seed(seed, k), size,
+                   labels_path=outdir / f"{sid}.geojson")
+        rows.append(f"{sid}\t{sid}.svs\t{sid}.geojson\t{'test' if k in test else 'train'}")
+    man = outdir / "manifest.tsv"
+    tmp = _atomic_path(man)
+    try:
+        tmp.write_text("\n".join(rows) + "\n")
+        os.replace(tmp, man)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return man
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write synthetic Aperio demo slides.")
+    ap.add_argument("outdir")
+    ap.add_argument("--n-slides", type=int, default=12)
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-test", type=int, default=4)
+    a = ap.parse_args(argv)
+    print(make_demo(a.outdir, a.n_slides, a.size, a.seed, a.n_test))
+
+
+if __name__ == "__main__":
+    main()

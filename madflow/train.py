@@ -1,0 +1,530 @@
+"""MAD pretraining: EMA teacher on the low-magnification parent, student on its children.
+
+Runs on CPU, on one CUDA GPU (bf16 autocast) and on several processes with DDP when
+launched by ``torchrun`` (WORLD_SIZE/RANK/LOCAL_RANK in the environment). Resumes from
+``out_dir/checkpoints/last.pt``; because every batch is a pure function of
+(seed, step, rank), a killed and resumed run ends with the same weights as an
+uninterrupted one (same device, same thread count).
+
+CLI::
+
+    python -m madflow.train --config resolved.json --experiment mad \
+        --tables results/tiles/a.parquet results/tiles/b.parquet --out results/mad/seed0 --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from madflow.data import (NETWORK_MODES, Augmenter, MADBatchDataset, TileIndex, load_tables)
+from madflow.loss import DINOLoss, koleo_loss, teacher_temp_schedule
+from madflow.model import MADModel, atomic_torch_save, backbone_dim, save_encoder
+
+log = logging.getLogger("madflow.train")
+
+LOG_COLUMNS = ["step", "pair", "loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy",
+               "kl_teacher_student", "prototypes_used", "seconds"]
+
+TRAIN_DEFAULTS = {
+    "steps": 300,
+    "batch_parents": 32,
+    "n_local": 4,
+    "pairs": {"2.5->10": 0.5, "10->40": 0.5},
+    "lr": 1.0e-3,
+    "min_lr": 1.0e-5,
+    "warmup_frac": 0.1,
+    "weight_decay": [0.04, 0.2],
+    "clip_grad": 3.0,
+    "freeze_last_layer_steps": 20,
+    "momentum": [0.99, 1.0],
+    "teacher_temp": [0.02, 0.03],
+    "teacher_temp_warmup_frac": 0.3,
+    "student_temp": 0.1,
+    "center_momentum": 0.9,
+    "koleo_weight": 0.0,
+    "parent_view": True,
+    "checkpoint_every": 50,
+    "num_workers": 1,
+    # optional keys (not required in config.yaml)
+    "hed_jitter": 0.05,        # HED stain jitter: scale U(1-h, 1+h), shift U(-h, h) per stain
+    "color_jitter": 0.1,       # brightness/contrast/saturation factors U(1-c, 1+c)
+    "blur_prob": 0.1,          # probability of a light 3x3 Gaussian blur per view
+    "stop_after": None,        # stop (without final checkpoint) once this many steps are done
+    "collapse_min_prototypes": 3,
+}
+
+# experiment keys that are not train overrides
+_EXPERIMENT_META_KEYS = {"mode", "model", "name", "description", "encoder", "doc"}
+
+
+# ---------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------
+def resolve_train_config(cfg: dict, experiment: dict) -> tuple[str, dict, dict]:
+    """-> (mode, train config, model config) with the experiment's overrides applied."""
+    experiment = dict(experiment or {})
+    mode = str(experiment.get("mode", "mad"))
+    tcfg = dict(TRAIN_DEFAULTS)
+    tcfg.update(copy.deepcopy(cfg.get("train") or {}))
+    for k, v in experiment.items():
+        if k not in _EXPERIMENT_META_KEYS:
+            tcfg[k] = copy.deepcopy(v)
+    mcfg = copy.deepcopy(cfg.get("model") or {})
+    if isinstance(experiment.get("model"), dict):
+        for k, v in experiment["model"].items():
+            if isinstance(v, dict) and isinstance(mcfg.get(k), dict):
+                mcfg[k] = {**mcfg[k], **v}
+            else:
+                mcfg[k] = v
+    return mode, tcfg, mcfg
+
+
+def cosine(start: float, end: float, n: int) -> np.ndarray:
+    n = max(int(n), 1)
+    t = np.arange(n) / max(n - 1, 1)
+    return end + 0.5 * (start - end) * (1 + np.cos(np.pi * t))
+
+
+def lr_schedule(lr: float, min_lr: float, warmup: int, total: int) -> np.ndarray:
+    total = max(int(total), 1)
+    warmup = int(min(max(warmup, 0), total))
+    s = np.empty(total, dtype=np.float64)
+    if warmup:
+        s[:warmup] = lr * (np.arange(warmup) + 1) / warmup
+    if total > warmup:
+        s[warmup:] = cosine(lr, min_lr, total - warmup)
+    return s
+
+
+def _pair2(v, name):
+    if isinstance(v, (int, float)):
+        return float(v), float(v)
+    if len(v) != 2:
+        raise ValueError(f"train.{name} must be a number or [start, end]")
+    return float(v[0]), float(v[1])
+
+
+# ---------------------------------------------------------------------------------------
+# distributed helpers
+# ---------------------------------------------------------------------------------------
+def _setup_distributed(device: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available")
+        if world > 1 or device == "cuda":
+            device = f"cuda:{local_rank}" if world > 1 else "cuda"
+        torch.cuda.set_device(torch.device(device))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    return world, rank, torch.device(device)
+
+
+def _all_reduce_mean(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoint
+# ---------------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(st["cuda"])
+        except Exception:  # noqa: BLE001 - different GPU count
+            pass
+
+
+def _param_groups(module: torch.nn.Module):
+    reg, noreg = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (noreg if (p.ndim <= 1 or name.endswith(".bias")) else reg).append(p)
+    return [{"params": reg, "apply_wd": True}, {"params": noreg, "apply_wd": False, "weight_decay": 0.0}]
+
+
+def _encoder_meta(mcfg: dict, img_size: int, experiment_name: str | None, mode: str, seed: int,
+                  steps_done: int, backbone) -> dict:
+    return {
+        "arch": mcfg["arch"],
+        "kwargs": dict(mcfg.get("kwargs") or {}),
+        "img_size": int(img_size),
+        "embed_dim": int(backbone_dim(backbone)) if backbone is not None else None,
+        "mode": mode,
+        "experiment": experiment_name,
+        "seed": int(seed),
+        "steps": int(steps_done),
+        "which": "teacher_backbone",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------
+def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: int,
+          device: str = "auto", experiment_name: str | None = None, stop_after: int | None = None,
+          reader_factory=None) -> dict:
+    """Train MAD (or an ablation) and write ``out_dir/encoder.pt``, ``out_dir/train_log.tsv``
+    and ``out_dir/checkpoints/last.pt``. Returns a small summary dict.
+
+    ``stop_after``: stop once that many steps are done, without the final checkpoint or
+    encoder (simulates a kill; used by tests). ``reader_factory``: path -> reader with
+    ``read_tiles(df)`` (default ``madflow.slides.SlideReader``)."""
+    if not logging.getLogger().handlers:  # called as a library without logging set up
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mode, tcfg, mcfg = resolve_train_config(cfg, experiment)
+    if stop_after is None:
+        stop_after = tcfg.get("stop_after")
+    world, rank, dev = _setup_distributed(device)
+    is_main = rank == 0
+    seed = int(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    enc_path = os.path.join(out_dir, "encoder.pt")
+    log_path = os.path.join(out_dir, "train_log.tsv")
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    ckpt_path = os.path.join(ckpt_dir, "last.pt")
+    img_size = int((cfg.get("tiling") or {}).get("tile_px", 224))
+
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+    # ---- modes without training --------------------------------------------------------
+    if mode == "color_stats":
+        if is_main:
+            save_encoder(enc_path, None, {"mode": mode, "experiment": experiment_name, "seed": seed,
+                                          "img_size": img_size})
+            _write_log_header(log_path)
+        log.info("mode color_stats: no network to train (embed computes colour statistics)")
+        _finish_dist(world)
+        return {"mode": mode, "steps": 0, "encoder": enc_path}
+    if mode == "random_init":
+        model = MADModel.from_config(mcfg, img_size)
+        if is_main:
+            save_encoder(enc_path, model.teacher.backbone,
+                         _encoder_meta(mcfg, img_size, experiment_name, mode, seed, 0, model.teacher.backbone))
+            _write_log_header(log_path)
+        log.info("mode random_init: saved the untrained teacher backbone to %s", enc_path)
+        _finish_dist(world)
+        return {"mode": mode, "steps": 0, "encoder": enc_path}
+    if mode not in NETWORK_MODES:
+        raise ValueError(f"unknown experiment mode {mode!r}")
+
+    # ---- data ----------------------------------------------------------------------------
+    index = TileIndex(load_tables(tables))
+    if index.tile_px != img_size:
+        log.warning("tile tables have tile_px=%d but tiling.tile_px=%d; using %d",
+                    index.tile_px, img_size, index.tile_px)
+        img_size = index.tile_px
+    total = int(tcfg["steps"])
+    B_total = int(tcfg["batch_parents"])
+    if B_total % world:
+        log.warning("batch_parents=%d is not divisible by world size %d", B_total, world)
+    B = max(1, B_total // world)
+    n_local = int(tcfg["n_local"])
+
+    # ---- model, loss, optimiser ------------------------------------------------------------
+    model = MADModel.from_config(mcfg, img_size).to(dev)
+    K = int(model.student.head.n_prototypes)
+    tt0, tt1 = _pair2(tcfg["teacher_temp"], "teacher_temp")
+    tt_sched = teacher_temp_schedule(tt0, tt1, int(round(float(tcfg["teacher_temp_warmup_frac"]) * total)), total)
+    dino_loss = DINOLoss(K, float(tcfg["student_temp"]), tt_sched, float(tcfg["center_momentum"])).to(dev)
+    opt = torch.optim.AdamW(_param_groups(model.student), lr=float(tcfg["lr"]), betas=(0.9, 0.999))
+    warmup = int(round(float(tcfg["warmup_frac"]) * total))
+    lr_s = lr_schedule(float(tcfg["lr"]), float(tcfg["min_lr"]), warmup, total)
+    wd_s = cosine(*_pair2(tcfg["weight_decay"], "weight_decay"), total)
+    mom_s = cosine(*_pair2(tcfg["momentum"], "momentum"), total)
+
+    # ---- resume ------------------------------------------------------------------------------
+    start = 0
+    if os.path.isfile(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.student.load_state_dict(ck["student"])
+        model.teacher.load_state_dict(ck["teacher"])
+        opt.load_state_dict(ck["optimizer"])
+        dino_loss.load_state_dict(ck["loss"])
+        start = int(ck["step"])
+        _set_rng_state(ck["rng"])
+        smp = ck.get("sampler", {})
+        if smp.get("seed", seed) != seed or smp.get("mode", mode) != mode:
+            log.warning("checkpoint sampler state (seed %s, mode %s) differs from this run (seed %s, mode %s)",
+                        smp.get("seed"), smp.get("mode"), seed, mode)
+        if ck.get("world_size", world) != world:
+            log.warning("checkpoint was written with world size %s, resuming with %s: data order differs",
+                        ck.get("world_size"), world)
+        if ck.get("total_steps", total) != total:
+            log.warning("checkpoint was written for %s steps, now %s", ck.get("total_steps"), total)
+        (log.info if is_main else log.debug)("resuming from step %d (%s)", start, ckpt_path)
+    if is_main:
+        _prepare_log(log_path, start)
+
+    student = model.student
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        student = DDP(model.student, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    ds = MADBatchDataset(
+        index, mode, tcfg["pairs"], B, n_local, seed, total, start_step=start, rank=rank,
+        parent_view=bool(tcfg["parent_view"]),
+        augmenter=Augmenter(hed_jitter=float(tcfg["hed_jitter"]), color_jitter=float(tcfg["color_jitter"]),
+                            blur_prob=float(tcfg["blur_prob"])),
+        reader_factory=reader_factory)
+    nw = int(tcfg.get("num_workers") or 0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
+                                         pin_memory=dev.type == "cuda",
+                                         persistent_workers=False)
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda"
+                else nullcontext())
+    koleo_w = float(tcfg.get("koleo_weight") or 0.0)
+    freeze = int(tcfg.get("freeze_last_layer_steps") or 0)
+    clip = float(tcfg.get("clip_grad") or 0.0)
+    every = int(tcfg.get("checkpoint_every") or 0)
+    min_protos = min(int(tcfg.get("collapse_min_prototypes", 3)), B_total)
+    warn_gap = max(1, total // 20)
+    last_warn = -10 ** 9
+    collapse_warnings = 0
+    last_params = [p for n, p in model.student.named_parameters() if "last_layer" in n]
+
+    def save_ckpt(next_step: int):
+        if not is_main:
+            return
+        atomic_torch_save({
+            "step": int(next_step),
+            "total_steps": total,
+            "student": model.student.state_dict(),
+            "teacher": model.teacher.state_dict(),
+            "optimizer": opt.state_dict(),
+            "loss": dino_loss.state_dict(),
+            "rng": _rng_state(),
+            # batches are a pure function of (seed, step, rank): this is the whole sampler state
+            "sampler": {"seed": seed, "next_step": int(next_step), "mode": mode, "groups": ds.groups},
+            "world_size": world,
+            "mode": mode,
+            "train_config": tcfg,
+            "model_config": mcfg,
+        }, ckpt_path)
+
+    from tqdm import tqdm
+
+    pbar = tqdm(total=total, initial=start, file=sys.stderr, disable=not is_main,
+                desc=f"train {experiment_name or mode}", dynamic_ncols=True, mininterval=1.0)
+    logf = open(log_path, "a", newline="") if is_main else None
+    writer = csv.writer(logf, delimiter="\t", lineterminator="\n") if logf else None
+    model.student.train()
+    model.teacher.train()
+    last = {}
+    stopped_early = False
+    step = start
+    try:
+        t_prev = time.perf_counter()
+        for batch in loader:
+            step = int(batch["step"])
+            if stop_after is not None and step >= int(stop_after):
+                stopped_early = True
+                break
+            for g in opt.param_groups:
+                g["lr"] = float(lr_s[step])
+                if g.get("apply_wd", True):
+                    g["weight_decay"] = float(wd_s[step])
+            tin = batch["teacher"].to(dev, non_blocking=True)
+            sin = batch["student"].to(dev, non_blocking=True)
+            Bn, V = sin.shape[:2]
+            with autocast:
+                with torch.no_grad():
+                    t_out = model.teacher(tin)
+                feats, s_out = student(sin.flatten(0, 1), return_features=True)
+            s_out = s_out.float().view(Bn, V, -1)
+            loss = dino_loss(s_out, t_out.float(), step)
+            total_loss = loss
+            if koleo_w > 0:
+                f = feats.float().view(Bn, V, -1)
+                total_loss = total_loss + koleo_w * sum(koleo_loss(f[:, v]) for v in range(V)) / V
+            opt.zero_grad(set_to_none=True)
+            total_loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.student.parameters(), clip)
+            if step < freeze:
+                for p in last_params:
+                    p.grad = None
+            opt.step()
+            model.update_teacher(float(mom_s[step]))
+
+            # ---- statistics (averaged over ranks) ----
+            st = dino_loss.last_stats
+            vec = torch.stack([total_loss.detach().float(), st["teacher_entropy"].float(),
+                               st["kl_teacher_student"].float()])
+            vec = _all_reduce_mean(vec, world).cpu()
+            counts = torch.bincount(st["teacher_argmax"], minlength=K).float()
+            if world > 1:
+                dist.all_reduce(counts)
+            used = int((counts > 0).sum())
+            now = time.perf_counter()
+            last = {"step": step, "pair": batch["group"], "loss": float(vec[0]), "lr": float(lr_s[step]),
+                    "wd": float(wd_s[step]), "momentum": float(mom_s[step]),
+                    "teacher_temp": float(dino_loss.teacher_temp(step)),
+                    "teacher_entropy": float(vec[1]), "kl_teacher_student": float(vec[2]),
+                    "prototypes_used": used, "seconds": now - t_prev}
+            t_prev = now
+            if writer:
+                writer.writerow([_fmt(last[c]) for c in LOG_COLUMNS])
+                logf.flush()
+            collapsed = _collapse_reason(last, K, min_protos)
+            if collapsed and step >= warmup and step - last_warn >= warn_gap:
+                collapse_warnings += 1
+                last_warn = step
+                if is_main:
+                    log.warning("possible collapse at step %d: %s (loss %.4f)", step, collapsed, last["loss"])
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{last['loss']:.3f}", H=f"{last['teacher_entropy']:.2f}", used=used,
+                             refresh=False)
+            if every > 0 and (step + 1) % every == 0 and step + 1 < total:
+                save_ckpt(step + 1)
+    finally:
+        pbar.close()
+        if logf:
+            logf.close()
+
+    if stopped_early:
+        log.info("stopped after %d steps (stop_after); no final checkpoint written", step)
+        _finish_dist(world)
+        return {"mode": mode, "steps": step, "stopped": True}
+
+    done = total
+    save_ckpt(done)
+    if is_main:
+        save_encoder(enc_path, model.teacher.backbone,
+                     _encoder_meta(mcfg, img_size, experiment_name, mode, seed, done, model.teacher.backbone))
+        reason = _collapse_reason(last, K, min_protos) if last else None
+        if reason:
+            log.warning("training ended looking collapsed: %s", reason)
+        log.info("wrote %s", enc_path)
+    _finish_dist(world)
+    return {"mode": mode, "steps": done, "encoder": enc_path, "last": last,
+            "collapse_warnings": collapse_warnings}
+
+
+def _collapse_reason(row: dict, K: int, min_protos: int) -> str | None:
+    reasons = []
+    if row["teacher_entropy"] >= 0.95 * math.log(K):
+        reasons.append(f"teacher entropy {row['teacher_entropy']:.3f} within 5% of ln K = {math.log(K):.3f} "
+                       f"(uniform teacher)")
+    if row["prototypes_used"] < min_protos:
+        reasons.append(f"only {row['prototypes_used']} prototype(s) used in the batch (one-prototype collapse)")
+    return "; ".join(reasons) or None
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _write_log_header(path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\t".join(LOG_COLUMNS) + "\n")
+    os.replace(tmp, path)
+
+
+def _prepare_log(path: str, start: int) -> None:
+    """Fresh log with a header, or on resume keep only the rows of steps < start."""
+    if start == 0 or not os.path.isfile(path):
+        _write_log_header(path)
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    keep = ["\t".join(LOG_COLUMNS)]
+    for ln in lines[1:]:
+        try:
+            if int(ln.split("\t", 1)[0]) < start:
+                keep.append(ln)
+        except ValueError:
+            continue
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(keep) + "\n")
+    os.replace(tmp, path)
+
+
+def _finish_dist(world: int) -> None:
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+def _load_config(path: str) -> dict:
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m madflow.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="resolved config (JSON or YAML)")
+    ap.add_argument("--experiment", required=True, help="name under config 'experiments'")
+    ap.add_argument("--tables", nargs="+", required=True, help="tile tables (parquet) of the train slides")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (testing)")
+    ap.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _load_config(a.config)
+    exps = cfg.get("experiments") or {}
+    if a.experiment not in exps:
+        ap.error(f"experiment {a.experiment!r} not in config (have {sorted(exps)})")
+    summary = train(cfg, exps[a.experiment] or {}, a.tables, a.out, a.seed, device=a.device,
+                    experiment_name=a.experiment, stop_after=a.stop_after)
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("done: %s", {k: v for k, v in summary.items() if k != "last"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+# Helpers shared by the rules (the only place for Python functions, per snakemake --lint).
+import json
+from pathlib import Path
+
+import pandas as pd
+from snakemake.utils import validate
+
+from madflow.slides import mag_str
+
+validate(config, "../schemas/config.schema.yaml")
+
+RESULTS = "results"
+MAGS = sorted(float(m) for m in config["tiling"]["magnifications"])
+EXPERIMENTS = list(config["experiments"])
+SEEDS = [int(s) for s in config["train"]["seeds"]]
+STUDY_SEEDS = [int(s) for s in config["study"]["seeds"]]
+# experiments without a network to train: their "encoder" is built directly
+UNTRAINED_MODES = {"random_init", "color_stats"}
+
+
+wildcard_constraints:
+    experiment="|".join(EXPERIMENTS),
+    seed=r"\d+",
+    slide_id=r"[^/]+",
+
+
+def manifest_source():
+    """The user's manifest, or the generated demo manifest when manifest: demo."""
+    if config["manifest"] == "demo":
+        return f"{RESULTS}/demo/manifest.tsv"
+    return config["manifest"]
+
+
+def slide_ids(split=None):
+    """Slide ids of the checked manifest (a checkpoint: known once it has run)."""
+    path = checkpoints.manifest.get().output.manifest
+    table = pd.read_csv(path, sep="\t", dtype={"slide_id": str})
+    if split:
+        table = table[table["split"] == split]
+    return list(table["slide_id"])
+
+
+def tile_tables(wildcards):
+    return expand(f"{RESULTS}/tiles/{{slide_id}}.parquet", slide_id=slide_ids())
+
+
+def train_tables(wildcards):
+    return expand(f"{RESULTS}/tiles/{{slide_id}}.parquet", slide_id=slide_ids("train"))
+
+
+def tile_qc(wildcards):
+    return expand(f"{RESULTS}/tiles/qc/{{slide_id}}.png", slide_id=slide_ids())
+
+
+def experiment_settings(name):
+    """Experiment = the shared train config with the experiment's switches on top."""
+    settings = {"mode": "mad", **config["train"], **config["experiments"][name]}
+    return settings
+
+
+def embeddings(wildcards):
+    return expand(
+        f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/embeddings/{{slide_id}}.h5",
+        slide_id=slide_ids(),
+    )
+
+
+def encoder_input(wildcards):
+    if experiment_settings(wildcards.experiment)["mode"] == "color_stats":
+        return []
+    return f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/encoder.pt"
+
+
+def seed_metrics(experiment, seeds):
+    return [f"{RESULTS}/{experiment}/seed{s}/metrics.tsv" for s in seeds]
+
+
+def train_logs(wildcards):
+    return {
+        e: f"{RESULTS}/{e}/seed{SEEDS[0]}/train_log.tsv"
+        for e in EXPERIMENTS
+        if experiment_settings(e)["mode"] not in UNTRAINED_MODES
+    }
+
+
+def pretrain_launcher(wildcards, resources):
+    """torchrun with one process per GPU granted to the job, else plain python."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node={gpus}"
+    return "python"

@@ -1,0 +1,67 @@
+rule evaluate:
+    input:
+        embeddings=embeddings,
+        tables=tile_tables,
+        manifest=f"{RESULTS}/manifest.tsv",
+    output:
+        metrics=f"{RESULTS}/{{experiment}}/seed{{seed}}/metrics.tsv",
+        summary=f"{RESULTS}/{{experiment}}/seed{{seed}}/metrics.json",
+        predictions=f"{RESULTS}/{{experiment}}/seed{{seed}}/predictions.parquet",
+        pca=f"{RESULTS}/{{experiment}}/seed{{seed}}/pca.parquet",
+        delta_hier=f"{RESULTS}/{{experiment}}/seed{{seed}}/delta_hier.parquet",
+    params:
+        mags=MAGS,
+        evaluate=config["evaluate"],
+        min_purity=config["tiling"]["min_purity"],
+        seed=config["seed"],
+    threads: 2
+    log:
+        f"{RESULTS}/logs/evaluate/{{experiment}}_seed{{seed}}.log",
+    conda:
+        "../envs/madflow.yaml"
+    script:
+        "../workflow_scripts/evaluate.py"
+
+
+rule experiment_metrics:
+    input:
+        metrics=lambda wildcards: seed_metrics(wildcards.experiment, SEEDS),
+    output:
+        metrics=f"{RESULTS}/{{experiment}}/metrics.tsv",
+        summary=f"{RESULTS}/{{experiment}}/metrics.json",
+    log:
+        f"{RESULTS}/logs/experiment_metrics/{{experiment}}.log",
+    conda:
+        "../envs/madflow.yaml"
+    script:
+        "../workflow_scripts/combine_seeds.py"
+
+
+rule summary:
+    input:
+        metrics=expand(f"{RESULTS}/{{experiment}}/metrics.tsv", experiment=EXPERIMENTS),
+    output:
+        summary=report(
+            f"{RESULTS}/summary.tsv",
+            caption="../report/summary.rst",
+            category="0. Summary",
+        ),
+    log:
+        f"{RESULTS}/logs/summary.log",
+    conda:
+        "../envs/madflow.yaml"
+    script:
+        "../workflow_scripts/summary.py"
+
+
+rule multiseed_summary:
+    input:
+        metrics=[m for e in EXPERIMENTS for m in seed_metrics(e, STUDY_SEEDS)],
+    output:
+        summary=f"{RESULTS}/multiseed/summary.tsv",
+    log:
+        f"{RESULTS}/logs/multiseed_summary.log",
+    conda:
+        "../envs/madflow.yaml"
+    script:
+        "../workflow_scripts/summary.py"

@@ -1,0 +1,59 @@
+rule experiment_config:
+    output:
+        config=f"{RESULTS}/{{experiment}}/config.json",
+    params:
+        config=config,
+    log:
+        f"{RESULTS}/logs/experiment_config/{{experiment}}.log",
+    conda:
+        "../envs/madflow.yaml"
+    script:
+        "../workflow_scripts/provenance.py"
+
+
+rule pretrain:
+    input:
+        config=f"{RESULTS}/{{experiment}}/config.json",
+        tables=train_tables,
+    output:
+        encoder=f"{RESULTS}/{{experiment}}/seed{{seed}}/encoder.pt",
+        train_log=f"{RESULTS}/{{experiment}}/seed{{seed}}/train_log.tsv",
+    params:
+        launcher=pretrain_launcher,
+        # checkpoints live beside, not as declared outputs: Snakemake deletes declared
+        # outputs of a killed job, and a rerun must resume from them
+        out_dir=lambda wildcards, output: str(Path(output.encoder).parent),
+    threads: 2
+    log:
+        f"{RESULTS}/logs/pretrain/{{experiment}}_seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain/{{experiment}}_seed{{seed}}.tsv"
+    conda:
+        "../envs/madflow.yaml"
+    shell:
+        "{params.launcher} -m madflow.train --config {input.config}"
+        " --experiment {wildcards.experiment} --tables {input.tables}"
+        " --out {params.out_dir} --seed {wildcards.seed} > {log} 2>&1"
+
+
+rule embed:
+    input:
+        table=f"{RESULTS}/tiles/{{slide_id}}.parquet",
+        config=f"{RESULTS}/{{experiment}}/config.json",
+        encoder=encoder_input,
+    output:
+        embeddings=f"{RESULTS}/{{experiment}}/seed{{seed}}/embeddings/{{slide_id}}.h5",
+    params:
+        settings=lambda wildcards: experiment_settings(wildcards.experiment),
+        model=config["model"],
+        tile_px=config["tiling"]["tile_px"],
+        batch_size=config["embed"]["batch_size"],
+    threads: 1
+    log:
+        f"{RESULTS}/logs/embed/{{experiment}}_seed{{seed}}_{{slide_id}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed/{{experiment}}_seed{{seed}}_{{slide_id}}.tsv"
+    conda:
+        "../envs/madflow.yaml"
+    script:
+        "../workflow_scripts/embed.py"

@@ -1,0 +1,82 @@
+# Named targets: all (default), tiles, exp_<name> per experiment, multiseed, figures, report.
+
+
+rule all:
+    default_target: True
+    input:
+        f"{RESULTS}/summary.tsv",
+        f"{RESULTS}/figures/figures.done",
+
+
+rule tiles:
+    input:
+        tables=tile_tables,
+        qc=tile_qc,
+
+
+# one target per experiment in config.yaml: adding an experiment adds its target
+for _name in EXPERIMENTS:
+
+    rule:
+        name:
+            f"exp_{_name}"
+        input:
+            f"{RESULTS}/{_name}/metrics.tsv",
+
+
+rule multiseed:
+    input:
+        f"{RESULTS}/multiseed/summary.tsv",
+
+
+rule figures:
+    input:
+        summary=f"{RESULTS}/summary.tsv",
+        metrics=expand(f"{RESULTS}/{{experiment}}/metrics.tsv", experiment=EXPERIMENTS),
+        pca=expand(f"{RESULTS}/{{experiment}}/seed{SEEDS[0]}/pca.parquet", experiment=EXPERIMENTS),
+        predictions=expand(
+            f"{RESULTS}/{{experiment}}/seed{SEEDS[0]}/predictions.parquet",
+            experiment=EXPERIMENTS,
+        ),
+        delta_hier=expand(
+            f"{RESULTS}/{{experiment}}/seed{SEEDS[0]}/delta_hier.parquet",
+            experiment=EXPERIMENTS,
+        ),
+        train_logs=lambda wildcards: list(train_logs(wildcards).values()),
+        tables=tile_tables,
+        qc=tile_qc,
+        manifest=f"{RESULTS}/manifest.tsv",
+    output:
+        done=f"{RESULTS}/figures/figures.done",
+        figures=report(
+            directory(f"{RESULTS}/figures/png"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+    params:
+        experiments=EXPERIMENTS,
+        seed=SEEDS[0],
+        train_logs=train_logs,
+        mags=MAGS,
+    log:
+        f"{RESULTS}/logs/figures.log",
+    conda:
+        "../envs/madflow.yaml"
+    script:
+        "../workflow_scripts/figures.py"
+
+
+rule report:
+    input:
+        f"{RESULTS}/summary.tsv",
+        f"{RESULTS}/figures/figures.done",
+    output:
+        html=f"{RESULTS}/report.html",
+    log:
+        f"{RESULTS}/logs/report.log",
+    conda:
+        "../envs/madflow.yaml"
+    shell:
+        # the report is Snakemake's own (--report); --nolock lets it run inside this job
+        "snakemake --nolock --report {output.html} > {log} 2>&1"

@@ -1,0 +1,56 @@
+rule demo_slides:
+    output:
+        manifest=f"{RESULTS}/demo/manifest.tsv",
+    params:
+        demo=config["demo"],
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/demo_slides.log",
+    conda:
+        "../envs/madflow.yaml"
+    script:
+        "../workflow_scripts/demo_slides.py"
+
+
+checkpoint manifest:
+    input:
+        table=manifest_source(),
+    output:
+        manifest=f"{RESULTS}/manifest.tsv",
+        rejected=f"{RESULTS}/manifest_rejected.tsv",
+    params:
+        mags=MAGS,
+        tile_px=config["tiling"]["tile_px"],
+        bad_slides=config["bad_slides"],
+        test_frac=config["test_frac"],
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/manifest.log",
+    conda:
+        "../envs/madflow.yaml"
+    script:
+        "../workflow_scripts/manifest.py"
+
+
+rule tile:
+    input:
+        manifest=f"{RESULTS}/manifest.tsv",
+    output:
+        table=f"{RESULTS}/tiles/{{slide_id}}.parquet",
+        qc=f"{RESULTS}/tiles/qc/{{slide_id}}.png",
+        coords=expand(
+            f"{RESULTS}/tiles/coords/{{mag}}x/{{{{slide_id}}}}.h5",
+            mag=[mag_str(m) for m in MAGS],
+        ),
+    params:
+        mags=MAGS,
+        tile_px=config["tiling"]["tile_px"],
+        min_tissue=config["tiling"]["min_tissue"],
+    log:
+        f"{RESULTS}/logs/tile/{{slide_id}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tile/{{slide_id}}.tsv"
+    conda:
+        "../envs/madflow.yaml"
+    script:
+        "../workflow_scripts/tile.py"

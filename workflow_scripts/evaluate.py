@@ -1,0 +1,52 @@
+"""Every SPEC section 8 metric for one experiment and seed."""
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+
+from madflow.embed import load_embeddings
+from madflow.metrics import evaluate, tidy
+from madflow.tiling import write_atomic
+
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
+p = snakemake.params
+manifest = pd.read_csv(snakemake.input.manifest, sep="\t", dtype={"slide_id": str}, keep_default_na=False)
+tiles, X = load_embeddings(snakemake.input.embeddings, snakemake.input.tables)
+tiles["split"] = tiles["slide_id"].map(manifest.set_index("slide_id")["split"])
+logging.info("%d embedded tiles, %d slides, dim %d", len(tiles), tiles["slide_id"].nunique(), X.shape[1])
+ev = p.evaluate
+metrics, artifacts = evaluate(
+    tiles,
+    X,
+    magnifications=p.mags,
+    min_purity=p.min_purity,
+    n_bootstrap=ev["n_bootstrap"],
+    cv_folds=ev["cv_folds"],
+    seed=p.seed,
+)
+import h5py  # noqa: E402  (only for the encoder's name)
+
+with h5py.File(snakemake.input.embeddings[0], "r") as h5:
+    encoder = str(h5.attrs["encoder"])
+table = tidy(metrics, snakemake.wildcards.experiment, encoder)
+table.insert(2, "seed", int(snakemake.wildcards.seed))
+for row in table.itertuples():
+    logging.info("%s %s = %.4f [%.4f, %.4f] %s", row.metric, row.scope, row.value, row.ci_low, row.ci_high, row.note)
+summary = {
+    "experiment": snakemake.wildcards.experiment,
+    "seed": int(snakemake.wildcards.seed),
+    "encoder": encoder,
+    "labelled": bool(artifacts.get("labelled")),
+    "classes": list(artifacts.get("classes") or []),
+    "split": artifacts.get("split"),
+    "probe_C": artifacts.get("probe_C"),
+    "metrics": {f"{r.metric}[{r.scope}]": (None if np.isnan(r.value) else r.value) for r in table.itertuples()},
+}
+write_atomic(snakemake.output.summary, lambda t: open(t, "w").write(json.dumps(summary, indent=2, default=str)))
+for name in ("predictions", "pca", "delta_hier"):
+    frame = artifacts.get(name)
+    frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame()
+    write_atomic(getattr(snakemake.output, name), lambda t, f=frame: f.to_parquet(t, index=False))
+write_atomic(snakemake.output.metrics, lambda t: table.to_csv(t, sep="\t", index=False))
