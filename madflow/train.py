@@ -242,7 +242,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
             _write_log_header(log_path)
         log.info("mode random_init: saved the untrained teacher backbone to %s", enc_path)
         _finish_dist(world)
-        return {"mode": mode, "steps": 0, "encoder": enc_path}
+        return {"mode": mode, "steps": 0, "encoder": enc_path, "model": model}
     if mode not in NETWORK_MODES:
         raise ValueError(f"unknown experiment mode {mode!r}")
 
@@ -424,7 +424,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
     if stopped_early:
         log.info("stopped after %d steps (stop_after); no final checkpoint written", step)
         _finish_dist(world)
-        return {"mode": mode, "steps": step, "stopped": True}
+        return {"mode": mode, "steps": step, "stopped": True, "model": model}
 
     done = total
     save_ckpt(done)
@@ -437,7 +437,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
         log.info("wrote %s", enc_path)
     _finish_dist(world)
     return {"mode": mode, "steps": done, "encoder": enc_path, "last": last,
-            "collapse_warnings": collapse_warnings}
+            "collapse_warnings": collapse_warnings, "model": model}
 
 
 def _collapse_reason(row: dict, K: int, min_protos: int) -> str | None:
@@ -522,7 +522,7 @@ def main(argv=None) -> int:
     summary = train(cfg, exps[a.experiment] or {}, a.tables, a.out, a.seed, device=a.device,
                     experiment_name=a.experiment, stop_after=a.stop_after)
     if int(os.environ.get("RANK", "0")) == 0:
-        log.info("done: %s", {k: v for k, v in summary.items() if k != "last"})
+        log.info("done: %s", {k: v for k, v in summary.items() if k not in ("last", "model")})
     return 0
 
 
