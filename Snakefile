@@ -6,6 +6,14 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/summary.tsv",
+        f"{RESULTS}/figures/figures.done",
+
+
 include: "rules/tiles.smk"
 include: "rules/pretrain.smk"
 include: "rules/evaluate.smk"

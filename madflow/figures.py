@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -130,9 +130,8 @@ def save_figure(fig, out) -> list[str]:
     try:
         for ext in ("png", "pdf"):
             final = base.parent / f"{base.name}.{ext}"
-            fd, tmp = tempfile.mkstemp(prefix=f".{base.name}.", suffix=f".{ext}",
-                                       dir=base.parent)
-            os.close(fd)
+            # hidden sibling temp name (created by savefig with the default permissions)
+            tmp = str(base.parent / f".{base.name}.{uuid.uuid4().hex}.tmp.{ext}")
             try:
                 fig.savefig(tmp, format=ext, bbox_inches="tight")
                 os.replace(tmp, final)
@@ -199,19 +198,30 @@ def _grouped_bars(ax, agg: pd.DataFrame, metric: str, scopes: Sequence[str],
                 vals.append(np.nan), lo.append(np.nan), hi.append(np.nan)
         vals, lo, hi = (np.asarray(v, float) for v in (vals, lo, hi))
         any_bar |= bool(np.isfinite(vals).any())
-        err = np.vstack([np.where(np.isfinite(lo), vals - lo, 0),
-                         np.where(np.isfinite(hi), hi - vals, 0)])
-        err = np.where(np.isfinite(err), np.clip(err, 0, None), 0)
         pos = x - 0.4 + width * (ei + 0.5)
         ax.bar(pos, np.nan_to_num(vals), width * 0.92, color=palette[e], label=e,
-               yerr=err, capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "0.2"},
                edgecolor="none")
+        has_err = np.isfinite(vals) & np.isfinite(lo) & np.isfinite(hi)
+        if has_err.any():
+            err = np.vstack([np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)])
+            ax.errorbar(pos[has_err], vals[has_err], yerr=err[:, has_err], fmt="none",
+                        ecolor="0.2", elinewidth=0.8, capsize=2)
         for p, v in zip(pos, vals):
             if not np.isfinite(v):
                 ax.text(p, 0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90,
                         color="0.4")
     ax.set_xticks(x)
     ax.set_xticklabels(scopes)
+    fin = sub["value"].to_numpy(float)
+    fin = fin[np.isfinite(fin)]
+    if len(fin):  # keep 0 in view, with headroom for error bars and small values
+        hi_all = np.nanmax(np.r_[fin, sub["hi"].to_numpy(float)[np.isfinite(sub["hi"].to_numpy(float))]])
+        lo_all = np.nanmin(np.r_[fin, sub["lo"].to_numpy(float)[np.isfinite(sub["lo"].to_numpy(float))]])
+        top = max(hi_all * 1.08, 0.1 if hi_all <= 1 else hi_all * 1.08)
+        bottom = min(0.0, lo_all * 1.1 if lo_all < 0 else 0.0)
+        if bottom < 0:
+            bottom = min(bottom, -0.05 * top)
+        ax.set_ylim(bottom, top)
     return any_bar
 
 
@@ -331,8 +341,14 @@ def embedding_map(pca_df: pd.DataFrame, out, max_points: int = 20000, seed: int 
     labels), right by magnification."""
     _style()
     d = pca_df
-    if len(d) > max_points:
-        d = d.sample(max_points, random_state=seed)
+    ms_all = d["mag"].map(_mag_str)
+    n_mag = max(ms_all.nunique(), 1)
+    balanced = False
+    if len(d) > max_points:  # equal share per magnification (40x would hide the others)
+        per = max_points // n_mag
+        d = (d.groupby(ms_all, group_keys=False, sort=False)
+             .apply(lambda g: g.sample(min(len(g), per), random_state=seed)))
+        balanced = True
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.0), sharex=True, sharey=True)
     has_lab = "label" in d.columns and d["label"].notna().any()
     ax = axes[0]
@@ -358,15 +374,22 @@ def embedding_map(pca_df: pd.DataFrame, out, max_points: int = 20000, seed: int 
     mags = sorted({_mag_str(m) for m in d["mag"]}, key=_mag_key)
     mp = mag_palette(mags)
     ms = d["mag"].map(_mag_str)
-    for m in mags:
+    counts = ms.value_counts()
+    for m in sorted(mags, key=lambda m: -counts.get(m, 0)):  # rarest on top
         sel = (ms == m).to_numpy()
-        ax.scatter(d.pc1[sel], d.pc2[sel], s=3, c=mp[m], lw=0, label=f"{m}×", rasterized=True)
+        ax.scatter(d.pc1[sel], d.pc2[sel], s=3 if sel.sum() > 2000 else 6, c=mp[m], lw=0,
+                   label=f"{m}× (n={sel.sum():,})", rasterized=True)
     ax.set_title("Coloured by magnification")
-    ax.legend(markerscale=3, frameon=False, title="Magnification", loc="best")
+    h, l = ax.get_legend_handles_labels()
+    o = sorted(range(len(l)), key=lambda i: _mag_key(l[i].split("×")[0]))
+    ax.legend([h[i] for i in o], [l[i] for i in o], markerscale=3, frameon=False,
+              title="Magnification", loc="best")
     for ax in axes:
         ax.set_xlabel("PC 1 (embedding units)")
     axes[0].set_ylabel("PC 2 (embedding units)")
-    fig.suptitle(title or f"Embedding map (PCA, {len(d):,} tiles)", fontsize=10)
+    sub = (f"{len(d):,} tiles, subsampled to ≤{max_points // n_mag:,} per magnification"
+           if balanced else f"{len(d):,} tiles")
+    fig.suptitle(title or f"Embedding map (PCA of tile embeddings; {sub})", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out)
 
@@ -400,7 +423,8 @@ def delta_hier_dist(per_parent_df: pd.DataFrame, out) -> list[str]:
                 if (p, e) in means.index:
                     x = pi - 0.4 + 0.8 * (ei + 0.5) / n
                     ax.plot(x, means[(p, e)], marker="D", ms=3, color="k", zorder=5)
-        ax.legend(frameon=False, title="Experiment", loc="best")
+        ax.legend(frameon=False, title="Experiment", loc="center left",
+                  bbox_to_anchor=(1.0, 0.5))
     ax.set_xlabel("Magnification pair (parent → descendants, ×)")
     ax.set_ylabel("sim_aligned − sim_random (cosine)")
     ax.set_title("Δhier per parent tile (◆ = mean = Δhier)")
@@ -453,8 +477,7 @@ def segmentation_maps(pred_df: pd.DataFrame, tiles_df: pd.DataFrame | None, slid
         names |= set(gt["label"].dropna().astype(str))
     pal = class_palette(names)
     codes = {c: i for i, c in enumerate(pal)}
-    cmap = ListedColormap(list(pal.values()) or ["#cccccc"])
-    cmap.set_bad("white")
+    cmap = ListedColormap(list(pal.values()) or ["#cccccc"]).with_extremes(bad="white")
     ncol = max(len(mags), 1)
     fig, axes = plt.subplots(2, ncol, figsize=(2.9 * ncol + 1.6, 5.8), squeeze=False)
     src = str(p["source"].dropna().iloc[0]) if "source" in p.columns and p["source"].notna().any() else "prediction"
@@ -518,9 +541,9 @@ def training_curves(log_dfs: Mapping[str, pd.DataFrame], out, smooth: int = 10) 
         ax.set_xlabel("Training step (optimizer updates)")
         ax.set_ylabel(ylab)
     handles = [Patch(color=pal[e], label=e) for e in exps]
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(exps), 8),
-               bbox_to_anchor=(0.5, 1.1), frameon=False, title="Experiment")
     fig.tight_layout()
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               frameon=False, title="Experiment")
     return save_figure(fig, out)
 
 

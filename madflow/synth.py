@@ -56,7 +56,7 @@ _VE /= np.linalg.norm(_VE)
 
 # per-class pixel-shader constants (index = class)
 _HBG = np.array([0.10, 0.05, 0.12, 0.16], np.float32)     # diffuse haematoxylin
-_FAMP = np.array([0.08, 0.55, 0.0, 0.05], np.float32)     # fibre texture amplitude
+_FAMP = np.array([0.0, 0.55, 0.0, 0.0], np.float32)     # fibre texture amplitude
 _GAMP = np.array([0.35, 0.25, 0.3, 0.9], np.float32)      # granular eosin noise
 
 
@@ -409,11 +409,18 @@ def _tile_noise(t, x0, y0, w, h):
 
 
 def _render_rect(P: _Slide, x0, y0, w, h):
-    """Canonical-stain rendering of a rect: (class (h,w) uint8, tissue alpha (h,w) float32,
-    canonical OD (h,w,3) float32)."""
+    """Canonical-stain rendering of a rect.
+
+    Returns (tissue alpha (h, w) uint8 0..255, index (h, w, 3) uint16) where index =
+    class * 3 * NB + channel * NB + quantised canonical OD of that channel: the row of the
+    per-class rank-transform LUT each pixel reads."""
     # class per pixel (nearest on the 4 um label grid) and soft tissue alpha
     cb, cx0, cy0 = _grid_block(P.cls_grid, CELL, x0, y0, w, h)
-    cls = np.repeat(np.repeat(cb[1:-1, 1:-1], CELL, 0), CELL, 1)
+    cin = cb[1:-1, 1:-1]
+
+    def per_class(table):  # class constant -> pixel map (classes are constant per cell)
+        return np.repeat(np.repeat(table[cin], CELL, 0), CELL, 1)
+
     tb, _, _ = _grid_block(P.tis_grid, CELL, x0, y0, w, h)
     m = _upsample(tb.astype(np.float32), CELL, x0, y0, w, h, cx0, cy0)
     edge = 4 * m * (1 - m)          # irregular (noisy) only along the tissue border
@@ -431,12 +438,6 @@ def _render_rect(P: _Slide, x0, y0, w, h):
         if sel.any():
             ecm[sel] = P.arch(c, AX[sel], AY[sel])[1]
     ecm_px = _upsample(ecm, ARCH, x0, y0, w, h, ax0, ay0)
-    fib = None
-    if np.any(_FAMP[cls] > 0):
-        psi = P.psi(AX, AY).astype(np.float32)
-        psi_px = _upsample(psi - psi[0, 0], ARCH, x0, y0, w, h, ax0, ay0) + psi[0, 0]
-        fib = 0.5 + 0.5 * np.sin((2 * np.pi / P.fibre_lambda) * psi_px
-                                 + 1.5 * _tile_noise(P.n_edge, x0 + 97, y0 + 53, w, h))
 
     # nuclei: stamp sprites from jittered-grid point processes (max compositing)
     M = 48
@@ -486,83 +487,126 @@ def _render_rect(P: _Slide, x0, y0, w, h):
             np.maximum(view, spr * a, out=view)
     H = H[M:M + h, M:M + w]
 
-    # pixel shader: canonical H and E concentrations -> OD
+    # pixel shader: canonical H and E concentrations (in-place ops: big temporaries are slow)
     nf = _tile_noise(P.n_fine, x0, y0, w, h)
     nm = _tile_noise(P.n_mid, x0, y0, w, h)
-    H = H + _HBG[cls] * (1 + 0.4 * nm)
-    E = ecm_px * (1 + _GAMP[cls] * 0.35 * nf)
-    if fib is not None:
-        fa = _FAMP[cls]
-        E = E * (1 - fa + fa * fib)
-    E = np.clip(E * (1 - 0.45 * np.minimum(H, 1)), 0, None)
-    H = np.clip(H, 0, None)
-    od = (0.03 + H[..., None] * (1.1 * _VH.astype(np.float32))
-          + E[..., None] * (0.8 * _VE.astype(np.float32)))
-    return cls, m.astype(np.float32), od.astype(np.float32)
-
-
-def _quant(od):
-    return np.minimum(od * (NB / ODMAX), NB - 1).astype(np.intp)
+    nm *= 0.4
+    nm += 1
+    nm *= per_class(_HBG)
+    H += nm                                   # diffuse haematoxylin
+    E = per_class(_GAMP * 0.35)
+    E *= nf
+    E += 1
+    E *= ecm_px                               # granular eosin
+    # collagen fibres (stroma only; computed on the bounding box of the fibrous cells)
+    rows, cols = np.nonzero(_FAMP[cin] > 0)
+    if len(rows):
+        r0, r1 = rows.min() * CELL, (rows.max() + 1) * CELL
+        c0, c1 = cols.min() * CELL, (cols.max() + 1) * CELL
+        sub_y = (AY[:, 0] >= y0 + r0 - 2 * ARCH) & (AY[:, 0] < y0 + r1 + 2 * ARCH)
+        sub_x = (AX[0] >= x0 + c0 - 2 * ARCH) & (AX[0] < x0 + c1 + 2 * ARCH)
+        gy0, gx0 = np.argmax(sub_y), np.argmax(sub_x)
+        psi = P.psi(AX[sub_y][:, sub_x], AY[sub_y][:, sub_x]).astype(np.float64)
+        p0 = psi[0, 0]
+        psi_px = _upsample((psi - p0).astype(np.float32), ARCH, x0 + c0, y0 + r0,
+                           c1 - c0, r1 - r0, ax0 + gx0, ay0 + gy0)
+        ph = (2 * np.pi / P.fibre_lambda)
+        psi_px *= ph
+        psi_px += np.float32((p0 * ph) % (2 * np.pi))
+        psi_px += 1.5 * _tile_noise(P.n_edge, x0 + c0 + 97, y0 + r0 + 53, c1 - c0, r1 - r0)
+        fib = np.sin(psi_px, out=psi_px)      # in [-1, 1]
+        fa = per_class(_FAMP)[r0:r1, c0:c1]
+        fib *= 0.5 * fa
+        fib += 1 - 0.5 * fa                   # 1 - fa + fa * (0.5 + 0.5 sin)
+        E[r0:r1, c0:c1] *= fib
+    t = np.minimum(H, 1)
+    t *= -0.45
+    t += 1
+    E *= t                                    # nuclei displace cytoplasm
+    np.maximum(E, 0, out=E)
+    np.maximum(H, 0, out=H)
+    # canonical OD per channel, quantised, offset to the class's LUT row
+    off = per_class((np.arange(len(CLASSES)) * 3 * NB).astype(np.uint16))
+    q = np.empty((h, w, 3), np.uint16)
+    sc = NB / ODMAX
+    for ch in range(3):
+        t = H * np.float32(1.1 * _VH[ch] * sc)
+        t += E * np.float32(0.8 * _VE[ch] * sc)
+        t += np.float32(0.03 * sc)
+        np.minimum(t, NB - 1, out=t)
+        qc = t.astype(np.uint16)
+        qc += off
+        qc += ch * NB
+        q[..., ch] = qc
+    m *= 255
+    m += 0.5
+    return m.astype(np.uint8), q
 
 
 def _rects(size):
-    cw = min(size, 4096)
+    cw = min(size, 2048)
     for y0 in range(0, size, TILE):
         yield y0, [(x0, min(cw, size - x0)) for x0 in range(0, size, cw)]
 
 
-def _calibrate(P: _Slide):
+def _calibrate(P: _Slide, keep: bool):
     """First pass: per-class per-channel OD histograms of tissue pixels, then LUTs that map
-    each class's distribution exactly onto the shared (barycentre) reference."""
+    each class's distribution exactly onto the shared reference (the barycentre of the
+    classes' quantile functions). With `keep`, the rendered indices are kept for pass 2."""
     C = len(CLASSES)
-    hist = np.zeros((C, 3, NB), np.float64)
     bands = list(_rects(P.size))
-    if len(bands) > 24:  # large slides: a spread subset of tile rows is enough
+    if not keep and len(bands) > 24:  # large slides: a spread subset of tile rows
         idx = np.linspace(0, len(bands) - 1, 24).round().astype(int)
         bands = [bands[i] for i in idx]
+    hist = np.zeros(C * 3 * NB, np.float64)
+    cache = {}
     for y0, cols in bands:
         for x0, w in cols:
-            cls, m, od = _render_rect(P, x0, y0, w, TILE)
-            t = m > 0.5
-            cl = cls[t].astype(np.intp) * NB
-            for ch in range(3):
-                hist[:, ch] += np.bincount(cl + _quant(od[..., ch][t]), minlength=C * NB
-                                           ).reshape(C, NB)
+            m, q = _render_rect(P, x0, y0, w, TILE)
+            hist += np.bincount(q[m > 127].ravel(), minlength=C * 3 * NB)
+            if keep:
+                cache[x0, y0] = (m, q)
+    hist = hist.reshape(C, 3, NB)
     probs = (np.arange(NB) + 0.5) / NB
-    centres = (np.arange(NB) + 0.5) * (ODMAX / NB)
+    edges = np.arange(NB + 1) * (ODMAX / NB)
     pooled = hist.sum(0)
-    quant = np.zeros((C, 3, NB))
-    present = hist.sum(2)[:, 0] > 1000
+    present = hist[:, 0].sum(1) > 1000
+    cdfs = np.zeros((C, 3, NB + 1))
     for c in range(C):
         for ch in range(3):
             hh = hist[c, ch] if present[c] else pooled[ch]
-            cdf = np.cumsum(hh) / hh.sum()
-            quant[c, ch] = np.interp(probs, cdf, centres)
-    ref = quant[present].mean(0) if present.any() else quant.mean(0)   # (3, NB)
+            cdfs[c, ch, 1:] = np.cumsum(hh) / max(hh.sum(), 1)
+    # quantile functions (piecewise linear within bins), reference = their mean
+    quant = np.zeros((C, 3, NB))
+    for c in range(C):
+        for ch in range(3):
+            cdf = cdfs[c, ch]
+            keep_i = np.concatenate([[True], np.diff(cdf) > 0])
+            quant[c, ch] = np.interp(probs, cdf[keep_i], edges[keep_i])
+    ref = quant[present].mean(0) if present.any() else quant.mean(0)
     lut = np.zeros((C, 3, NB), np.float32)
     for c in range(C):
         for ch in range(3):
-            hh = hist[c, ch] if present[c] else pooled[ch]
-            cdf = np.cumsum(hh) / hh.sum()
-            cmid = cdf - 0.5 * hh / hh.sum()
+            cmid = 0.5 * (cdfs[c, ch, 1:] + cdfs[c, ch, :-1])   # mid-rank of each bin
             lut[c, ch] = np.interp(cmid, probs, ref[ch])
-    return lut
+    return lut, (cache if keep else None)
 
 
-def _render_rgb(P: _Slide, lut, x0, y0, w, h):
-    cls, m, od = _render_rect(P, x0, y0, w, h)
-    base = cls.astype(np.intp) * (3 * NB)
-    flat = lut.reshape(-1)
-    ref = np.empty_like(od)
-    for ch in range(3):
-        ref[..., ch] = flat[base + ch * NB + _quant(od[..., ch])]
-    od_t = ref @ P.stain_mix
+def _render_rgb(P: _Slide, lut, x0, y0, w, h, cached=None):
+    m, q = cached if cached is not None else _render_rect(P, x0, y0, w, h)
+    od = np.take(lut.reshape(-1), q)                       # rank-transformed canonical OD
+    od = od @ P.stain_mix                                  # per-slide stain variation
     nm = _tile_noise(P.n_mid, x0 + 211, y0 + 17, w, h)
-    od_bg = P.bg_od + 0.006 * nm[..., None]
-    m3 = m[..., None]
-    out = m3 * od_t + (1 - m3) * od_bg
-    rgb = 255.0 * np.exp(-np.clip(out, 0, None))
-    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    bg = nm[..., None] * np.float32(0.006) + P.bg_od       # background OD
+    od -= bg
+    od *= (m * np.float32(1 / 255))[..., None]
+    od += bg
+    np.maximum(od, 0, out=od)
+    od *= -1
+    np.exp(od, out=od)
+    od *= 255
+    od += 0.5
+    return od.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- writing
@@ -573,12 +617,16 @@ def _description(size, name):
 
 
 def _atomic_path(path: Path):
+    """A temp file beside `path` (same filesystem, for os.replace) with umask permissions."""
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     return Path(tmp)
 
 
-def _write_svs(P: _Slide, lut, path: Path):
+def _write_svs(P: _Slide, lut, path: Path, cache=None):
     import tifffile
 
     S = P.size
@@ -597,7 +645,8 @@ def _write_svs(P: _Slide, lut, path: Path):
         for y0, cols in _rects(S):
             band = np.empty((TILE, S, 3), np.uint8)
             for x0, w in cols:
-                band[:, x0:x0 + w] = _render_rgb(P, lut, x0, y0, w, TILE)
+                cached = cache.pop((x0, y0), None) if cache else None
+                band[:, x0:x0 + w] = _render_rgb(P, lut, x0, y0, w, TILE, cached)
             b1 = band.reshape(TILE // 4, 4, s1, 4, 3).mean((1, 3), dtype=np.float32)
             b1 = np.floor(b1 + 0.5).astype(np.uint8)
             lvl1[y0 // 4:y0 // 4 + TILE // 4] = b1
@@ -677,8 +726,8 @@ def make_slide(path, seed: int, size: int = 4096, *, labels_path=None) -> dict:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     P = _Slide(seed, size)
-    lut = _calibrate(P)
-    _write_svs(P, lut, path)
+    lut, cache = _calibrate(P, keep=size <= 4096)
+    _write_svs(P, lut, path, cache)
     if labels_path is not None:
         labels_path = Path(labels_path)
         labels_path.parent.mkdir(parents=True, exist_ok=True)
@@ -702,19 +751,43 @@ def slide_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(k), 0xD3A0]).generate_state(1)[0])
 
 
-def make_demo(outdir, n_slides: int, size: int, seed: int, n_test: int) -> Path:
-    """Write `n_slides` slides + GeoJSON and `manifest.tsv` (slide_id, path, labels, split)."""
+def _make_one(args):
+    path, seed, size, labels = args
+    return make_slide(path, seed, size, labels_path=labels)
+
+
+def make_demo(outdir, n_slides: int, size: int, seed: int, n_test: int, *,
+              workers: int | None = None) -> Path:
+    """Write `n_slides` slides + GeoJSON and `manifest.tsv` (slide_id, path, labels, split).
+
+    Slide k uses seed `slide_seed(seed, k)`; the test slides are a seeded draw of `n_test`
+    slides. `workers` processes (default: up to the usable CPUs) generate slides in
+    parallel; the output does not depend on it."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     if not 0 <= n_test <= n_slides:
         raise ValueError(f"n_test must be in [0, n_slides], got {n_test} of {n_slides}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B17]))
     test = set(rng.choice(n_slides, n_test, replace=False).tolist()) if n_test else set()
+    jobs = [(outdir / f"slide_{k:02d}.svs", slide_seed(seed, k), size,
+             outdir / f"slide_{k:02d}.geojson") for k in range(n_slides)]
+    if workers is None:
+        try:
+            workers = len(os.sched_getaffinity(0))
+        except AttributeError:
+            workers = os.cpu_count() or 1
+    workers = max(1, min(int(workers), n_slides))
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as ex:
+            list(ex.map(_make_one, jobs))
+    else:
+        for job in jobs:
+            _make_one(job)
     rows = ["slide_id\tpath\tlabels\tsplit"]
     for k in range(n_slides):
         sid = f"slide_{k:02d}"
-        make_slide(outdir / f"{sid}.svs", slide_seed(seed, k), size,
-                   labels_path=outdir / f"{sid}.geojson")
         rows.append(f"{sid}\t{sid}.svs\t{sid}.geojson\t{'test' if k in test else 'train'}")
     man = outdir / "manifest.tsv"
     tmp = _atomic_path(man)
@@ -736,8 +809,9 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-test", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=None)
     a = ap.parse_args(argv)
-    print(make_demo(a.outdir, a.n_slides, a.size, a.seed, a.n_test))
+    print(make_demo(a.outdir, a.n_slides, a.size, a.seed, a.n_test, workers=a.workers))
 
 
 if __name__ == "__main__":

@@ -498,8 +498,13 @@ def _load_config(path: str) -> dict:
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        return yaml.safe_load(text)
-    return json.loads(text)
+        cfg = yaml.safe_load(text)
+    else:
+        cfg = json.loads(text)
+    # the workflow's per-experiment config.json is a provenance record {"config": {...}, ...}
+    if isinstance(cfg, dict) and "train" not in cfg and isinstance(cfg.get("config"), dict):
+        cfg = cfg["config"]
+    return cfg
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,4 @@
-# Named targets: all (default), tiles, exp_<name> per experiment, multiseed, figures, report.
-
-
-rule all:
-    default_target: True
-    input:
-        f"{RESULTS}/summary.tsv",
-        f"{RESULTS}/figures/figures.done",
+# Named targets: tiles, exp_<name> per experiment, multiseed, figures, report (all: Snakefile).
 
 
 rule tiles:

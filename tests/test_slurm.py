@@ -43,7 +43,9 @@ WORKFLOW_PARTS = [
 ]
 FALLBACK_DEMO = {"n_slides": 3, "size": 2048, "n_test": 1}
 RUN_TIMEOUT_S = 600
-SUBMITTED_RE = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: ([^)]*)\)")
+SUBMITTED_RE = re.compile(
+    r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: ([^)]*)\)"
+)
 RUN_ID_RE = re.compile(r"SLURM run ID: (\S+)")
 
 
@@ -94,7 +96,9 @@ def slurm_cluster():
     t0 = time.monotonic()
     try:
         # apt-get install may take a few minutes on a fresh machine
-        res = _sh(["timeout", "-k", "10", "900", "bash", str(SLURM_SH), "start"], timeout=930)
+        res = _sh(
+            ["timeout", "-k", "10", "900", "bash", str(SLURM_SH), "start"], timeout=930
+        )
     except subprocess.TimeoutExpired:
         _unavailable("ci/slurm.sh start did not finish within 930 s")
     if res.returncode != 0:
@@ -104,7 +108,9 @@ def slurm_cluster():
             f"{res.returncode}): {' | '.join(msg[-5:]) or 'no output'}"
         )
     start_s = time.monotonic() - t0
-    print(f"\nSlurm ready in {start_s:.1f} s ({'already running' if was_running else 'started'})")
+    print(
+        f"\nSlurm ready in {start_s:.1f} s ({'already running' if was_running else 'started'})"
+    )
     yield {"start_s": start_s, "was_running": was_running}
     if not was_running:
         _sh(["timeout", "-k", "5", "60", "bash", str(SLURM_SH), "stop"], timeout=70)
@@ -128,14 +134,18 @@ def _copy_workflow(dest: Path) -> None:
         shutil.copy2(SMALL_CONFIG, dest / "tests" / SMALL_CONFIG.name)
 
 
-def _config_args() -> tuple[list[str], int | None]:
+def _config_args(work: Path) -> tuple[list[str], int | None]:
     """Snakemake arguments selecting the small test config, and the demo slide count."""
     if SMALL_CONFIG.is_file():
         small = yaml.safe_load(SMALL_CONFIG.read_text()) or {}
         n = (small.get("demo") or {}).get("n_slides")
         return ["--configfile", f"tests/{SMALL_CONFIG.name}"], n
-    demo = ", ".join(f"{k}: {v}" for k, v in FALLBACK_DEMO.items())
-    return ["--config", f"demo={{{demo}}}"], FALLBACK_DEMO["n_slides"]
+    # a config file, not --config: nested --config values arrive as strings
+    (work / "tests").mkdir(exist_ok=True)
+    (work / "tests" / "config_slurm.yaml").write_text(
+        yaml.safe_dump({"demo": FALLBACK_DEMO})
+    )
+    return ["--configfile", "tests/config_slurm.yaml"], FALLBACK_DEMO["n_slides"]
 
 
 def _scontrol_job(job_id: str) -> dict[str, str]:
@@ -155,18 +165,18 @@ def slurm_tiles_run(slurm_cluster, tmp_path_factory):
     """`snakemake --profile slurm tiles` in a temporary copy of the repository."""
     work = tmp_path_factory.mktemp("slurm_wf")
     _copy_workflow(work)
-    config_args, n_slides = _config_args()
+    config_args, n_slides = _config_args(work)
     cmd = [
         "timeout",
         "-k",
         "10",
         str(RUN_TIMEOUT_S),
         *_snakemake(),
+        "tiles",  # the target first: --configfile takes every following word
         "--profile",
         "slurm",
         *config_args,
         "--slurm-keep-successful-logs",  # keep per-job logs as evidence
-        "tiles",
     ]
     t0 = time.monotonic()
     try:
@@ -179,7 +189,9 @@ def slurm_tiles_run(slurm_cluster, tmp_path_factory):
     run_id = RUN_ID_RE.search(out)
     if rc != 0 and run_id:  # do not leave jobs of a failed/killed run queued
         _sh(["scancel", "--name", run_id.group(1)])
-    print(f"\nsnakemake --profile slurm tiles: exit {rc} in {wall_s:.1f} s (dir {work})")
+    print(
+        f"\nsnakemake --profile slurm tiles: exit {rc} in {wall_s:.1f} s (dir {work})"
+    )
     return {
         "rc": rc,
         "log": out,
@@ -198,7 +210,9 @@ def _tail(text: str, n: int = 60) -> str:
 
 def _failed_job_logs(work: Path) -> str:
     logs = sorted((work / ".snakemake" / "slurm_logs").rglob("*.log"))
-    return "\n".join(f"--- {p}\n{_tail(p.read_text(errors='replace'), 30)}" for p in logs[-3:])
+    return "\n".join(
+        f"--- {p}\n{_tail(p.read_text(errors='replace'), 30)}" for p in logs[-3:]
+    )
 
 
 def test_tiles_run_succeeds_through_slurm(slurm_tiles_run):
@@ -231,12 +245,14 @@ def test_tile_tables_exist(slurm_tiles_run):
     assert rows > 0, "all tile tables are empty"
     # nothing left to do for the target: the run really completed it
     dry = _sh(
-        [*_snakemake(), "-n", "--cores", "1", *run["config_args"], "tiles"],
+        [*_snakemake(), "tiles", "-n", "--cores", "1", *run["config_args"]],
         timeout=120,
         cwd=run["work"],
     )
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert "Nothing to be done" in dry.stdout + dry.stderr, _tail(dry.stdout + dry.stderr)
+    assert "Nothing to be done" in dry.stdout + dry.stderr, _tail(
+        dry.stdout + dry.stderr
+    )
 
 
 def test_jobs_really_ran_in_slurm(slurm_tiles_run):

@@ -1,0 +1,44 @@
+"""Every figure of SPEC section 10, from the tidy tables and evaluation artifacts."""
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from madflow import figures as fig
+
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
+inp, p = snakemake.input, snakemake.params
+out = Path(snakemake.output.figures)
+out.mkdir(parents=True, exist_ok=True)
+
+
+def read_tsv(path):
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
+
+
+def with_experiment(paths):
+    return pd.concat([pd.read_parquet(f).assign(experiment=e) for e, f in zip(p.experiments, paths)], ignore_index=True)
+
+
+metrics = pd.concat([read_tsv(f) for f in inp.metrics], ignore_index=True)
+manifest = read_tsv(inp.manifest)
+test_slides = sorted(manifest.loc[manifest["split"] == "test", "slide_id"].astype(str))
+tiles = pd.concat([pd.read_parquet(f) for f in inp.tables], ignore_index=True)
+
+written = []
+written += fig.retention_bars(metrics, out / "retention_bars")
+written += fig.clustering_bars(metrics, out / "clustering_bars")
+written += fig.delta_hier_dist(with_experiment(inp.delta_hier), out / "delta_hier")
+written += fig.training_curves({e: read_tsv(f) for e, f in p.train_logs.items()}, out / "training_curves")
+written += fig.tiling_qc(inp.qc, out / "tiling_qc")
+for exp, pca, pred in zip(p.experiments, inp.pca, inp.predictions):
+    first_seed = metrics[(metrics["experiment"] == exp) & (metrics["seed"] == p.seed)]
+    written += fig.probe_heatmap(first_seed, exp, out / f"probe_heatmap_{exp}")
+    written += fig.embedding_map(pd.read_parquet(pca), out / f"embedding_map_{exp}", title=exp)
+    if test_slides:
+        slide = tiles[tiles["slide_id"].astype(str) == test_slides[0]]
+        written += fig.segmentation_maps(pd.read_parquet(pred), slide, test_slides[0], out / f"segmentation_{exp}")
+for path in written:
+    logging.info("wrote %s", path)
+Path(snakemake.output.done).write_text("\n".join(written) + "\n")
