@@ -464,13 +464,12 @@ def segmentation_maps(pred_df: pd.DataFrame, tiles_df: pd.DataFrame | None, slid
         H = float((ref["y0"] + ref["size0"]).max())
     else:
         W = H = 1.0
-    gt_source = t if t is not None and "label" in (t.columns if t is not None else []) else p
-    gt = gt_source.copy() if len(gt_source) else gt_source
+    gt = (t if t is not None and "label" in t.columns else p).copy()
     if len(gt) and "label" in gt.columns:
-        gt = gt.assign(label=gt["label"].where(gt["label"].notna(), None))
+        gt["label"] = gt["label"].astype(object).where(gt["label"].notna(), None)
         if "label_purity" in gt.columns:
-            gt.loc[pd.to_numeric(gt["label_purity"], errors="coerce").fillna(0).to_numpy()
-                   < min_purity, "label"] = None
+            impure = pd.to_numeric(gt["label_purity"], errors="coerce").fillna(0).to_numpy() < min_purity
+            gt.loc[impure, "label"] = None
     has_gt = len(gt) > 0 and "label" in gt.columns and gt["label"].notna().any()
     names = set(p["pred"].dropna().astype(str)) if "pred" in p.columns else set()
     if has_gt:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 class LabelError(Exception):
@@ -79,6 +79,24 @@ def check_labels(path) -> list[str]:
     return sorted(set(load_mask(path)[1].values()))
 
 
+def _ring_mask(ring: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Pixels of a w x h raster whose centres lie inside a polygon ring (raster units):
+    centre sampling gives exact areas for grid-aligned shapes, unlike edge-inclusive fills."""
+    from matplotlib.path import Path as MplPath
+
+    mask = np.zeros((h, w), bool)
+    if len(ring) < 3:
+        return mask
+    x0, y0 = np.clip(np.floor(ring.min(axis=0)).astype(int), 0, [w, h])
+    x1, y1 = np.clip(np.ceil(ring.max(axis=0)).astype(int), 0, [w, h])
+    if x0 >= x1 or y0 >= y1:
+        return mask
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    centres = np.column_stack([xx.ravel() + 0.5, yy.ravel() + 0.5])
+    mask[y0:y1, x0:x1] = MplPath(ring).contains_points(centres).reshape(yy.shape)
+    return mask
+
+
 def coverage(
     path, grid_w: int, grid_h: int, cell0: float, slide_size: tuple[int, int]
 ) -> tuple[np.ndarray, list[str]]:
@@ -92,16 +110,16 @@ def coverage(
     if Path(path).suffix.lower() in (".geojson", ".json"):
         shapes = load_geojson(path)
         names = sorted({cls for cls, _ in shapes})
-        raster = Image.new("I", (w, h), 0)
-        draw = ImageDraw.Draw(raster)
+        index = np.zeros((h, w), np.int32)
         for cls, polys in shapes:
             value = names.index(cls) + 1
             for rings in polys:
+                inside = None
                 for r, ring in enumerate(rings):
-                    pts = [(x * scale, y * scale) for x, y in ring]
-                    if len(pts) >= 3:
-                        draw.polygon(pts, fill=value if r == 0 else 0)
-        index = np.asarray(raster, np.int32)
+                    hit = _ring_mask(np.asarray(ring, np.float64)[:, :2] * scale, w, h)
+                    inside = hit if r == 0 else inside & ~hit  # later rings are holes
+                if inside is not None:
+                    index[inside] = value
     else:
         mask, table = load_mask(path)
         names = sorted(set(table.values()))

@@ -139,14 +139,14 @@ def check_manifest(path, mags, tile_px: int, bad_slides: str, test_frac: float, 
         except (SlideError, LabelError, ValueError) as err:
             bad.append({"slide_id": row["slide_id"], "path": row["path"], "cause": str(err)})
     rejected = pd.DataFrame(bad, columns=["slide_id", "path", "cause"])
+    lines = "\n".join(f"  - {b['slide_id']}: {b['cause']}" for b in bad)
     if bad and bad_slides == "error":
-        lines = "\n".join(f"  - {b['slide_id']}: {b['cause']}" for b in bad)
         raise ManifestError(
             f"manifest {path}: {len(bad)} of {len(table)} slide(s) cannot be used "
             f"(set bad_slides: skip to leave them out):\n{lines}"
         )
     if not good:
-        raise ManifestError(f"manifest {path}: no usable slide among {len(table)}")
+        raise ManifestError(f"manifest {path}: no usable slide among {len(table)}:\n{lines}")
     checked = pd.DataFrame(good)
     checked["split_source"] = np.where(checked["split"] == "", "", "manifest")
     checked = assign_split(checked, test_frac, seed)

@@ -37,6 +37,7 @@ from sklearn.metrics import (adjusted_mutual_info_score, balanced_accuracy_score
                              davies_bouldin_score)
 from sklearn.model_selection import GroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 __all__ = [
     "METRIC_COLUMNS", "TIDY_COLUMNS", "DEFAULT_CS", "mag_str", "pair_str", "slide_split",
@@ -253,7 +254,7 @@ def delta_hier(Xa: np.ndarray, Xb: np.ndarray, parent_of_child: np.ndarray,
 
 
 def _bootstrap_means(values: np.ndarray, n_boot: int, rng: np.random.Generator,
-                     chunk: int = 100) -> np.ndarray:
+                     chunk: int | None = None) -> np.ndarray:
     """Bootstrap means of each column of ``values`` (P, K) over rows: (B, K)."""
     v = np.asarray(values, float)
     if v.ndim == 1:
@@ -262,6 +263,7 @@ def _bootstrap_means(values: np.ndarray, n_boot: int, rng: np.random.Generator,
     out = np.full((n_boot, v.shape[1]), np.nan)
     if P == 0:
         return out
+    chunk = chunk or int(max(1, min(100, 2_000_000 // (P * v.shape[1]))))
     for s in range(0, n_boot, chunk):
         b = min(chunk, n_boot - s)
         idx = rng.integers(0, P, size=(b, P))
@@ -294,10 +296,18 @@ def _cv_splits(y: np.ndarray, groups: np.ndarray, cv_folds: int, seed: int):
 
 
 def _fit_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray, Cs: Sequence[float],
-               cv_folds: int, seed: int, max_iter: int = 300) -> _Probe | None:
+               cv_folds: int, seed: int, max_iter: int = 200,
+               max_cv_tiles: int | None = 4000) -> _Probe | None:
+    """StandardScaler + multinomial logistic regression; C by (group) k-fold CV (balanced
+    accuracy) on at most ``max_cv_tiles`` training tiles (a seeded random subset: choosing
+    C does not need every 40x tile), then refit on all training tiles."""
     if len(np.unique(y)) < 2:
         return None
     Cs = sorted(float(c) for c in Cs)
+    Xf, yf = X, y
+    if max_cv_tiles and len(y) > max_cv_tiles:
+        sub = np.sort(np.random.default_rng(seed).choice(len(y), max_cv_tiles, replace=False))
+        X, y, groups = X[sub], y[sub], groups[sub]
     splits, _ = _cv_splits(y, groups, cv_folds, seed)
     best_C = 1.0
     with warnings.catch_warnings():
@@ -322,9 +332,9 @@ def _fit_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray, Cs: Sequence[fl
                 best_C = Cs[int(np.nanargmax(mean))]
         elif len(Cs) == 1:
             best_C = Cs[0]
-        sc = StandardScaler().fit(X)
-        clf = LogisticRegression(C=best_C, max_iter=max_iter).fit(sc.transform(X), y)
-    return _Probe(sc, clf, np.unique(y), best_C)
+        sc = StandardScaler().fit(Xf)
+        clf = LogisticRegression(C=best_C, max_iter=max_iter).fit(sc.transform(Xf), yf)
+    return _Probe(sc, clf, np.unique(yf), best_C)
 
 
 # ----------------------------------------------------------------------------- clustering
@@ -352,8 +362,16 @@ def _row(metric, scope, value=np.nan, lo=np.nan, hi=np.nan, note=""):
 def evaluate(tiles: pd.DataFrame, X: np.ndarray, *, magnifications: Sequence[float],
              min_purity: float = 0.8, n_bootstrap: int = 1000, cv_folds: int = 5,
              seed: int = 0, n_clusters: int | None = None, Cs: Sequence[float] = DEFAULT_CS,
-             split_frac: float = 0.3, pca: bool = True) -> tuple[pd.DataFrame, dict]:
+             split_frac: float = 0.3, pca: bool = True,
+             threads: int | None = 1) -> tuple[pd.DataFrame, dict]:
     """Compute every SPEC-8 metric.  See the module docstring.
+
+    ``n_clusters``: k of the label-free k-means (default 8; with labels k = #classes).
+    ``Cs``: the probe's C grid.  ``split_frac``/``seed``: the slide split used when
+    ``tiles`` has no ``split``.  ``threads``: BLAS/OpenMP threads during evaluation (None =
+    library defaults).  The matrices are small, and on a shared node spinning BLAS/OpenMP
+    threads make the probe fits up to 100x slower, so the default is 1; a rule may pass
+    its ``threads``.
 
     Returns ``(metrics_df, artifacts)``: ``metrics_df`` columns are
     ``metric, scope, value, ci_low, ci_high, note``; ``artifacts`` holds
@@ -363,6 +381,16 @@ def evaluate(tiles: pd.DataFrame, X: np.ndarray, *, magnifications: Sequence[flo
     (slide -> train/test, with where it came from), ``classes``, ``probe_C`` and
     ``labelled`` (bool).
     """
+    if threads:
+        with threadpool_limits(limits=int(threads)):
+            return _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds,
+                             seed, n_clusters, Cs, split_frac, pca)
+    return _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed,
+                     n_clusters, Cs, split_frac, pca)
+
+
+def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed, n_clusters,
+              Cs, split_frac, pca):
     t0 = tiles.reset_index(drop=True)
     X = np.asarray(X)
     if len(t0) != len(X):
@@ -497,7 +525,7 @@ def evaluate(tiles: pd.DataFrame, X: np.ndarray, *, magnifications: Sequence[flo
     # -- clustering ---------------------------------------------------------------------
     km_records = []
     if label_mode:
-        base = labelled & is_test
+        base = labelled & is_test & (lev >= 0)
         k = C
     else:
         base = is_test & (lev >= 0)

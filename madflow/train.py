@@ -273,6 +273,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
 
     # ---- resume ------------------------------------------------------------------------------
     start = 0
+    log_rows: list[list[str]] = []  # also kept in the checkpoint: Snakemake deletes a failed job's log
     if os.path.isfile(ckpt_path):
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.student.load_state_dict(ck["student"])
@@ -280,6 +281,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
         opt.load_state_dict(ck["optimizer"])
         dino_loss.load_state_dict(ck["loss"])
         start = int(ck["step"])
+        log_rows = [list(r) for r in ck.get("log_rows", []) if int(r[0]) < start]
         _set_rng_state(ck["rng"])
         smp = ck.get("sampler", {})
         if smp.get("seed", seed) != seed or smp.get("mode", mode) != mode:
@@ -292,7 +294,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
             log.warning("checkpoint was written for %s steps, now %s", ck.get("total_steps"), total)
         (log.info if is_main else log.debug)("resuming from step %d (%s)", start, ckpt_path)
     if is_main:
-        _prepare_log(log_path, start)
+        _prepare_log(log_path, start, log_rows)
 
     student = model.student
     if world > 1:
@@ -336,6 +338,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
             # batches are a pure function of (seed, step, rank): this is the whole sampler state
             "sampler": {"seed": seed, "next_step": int(next_step), "mode": mode, "groups": ds.groups},
             "world_size": world,
+            "log_rows": log_rows,
             "mode": mode,
             "train_config": tcfg,
             "model_config": mcfg,
@@ -403,7 +406,8 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
                     "prototypes_used": used, "seconds": now - t_prev}
             t_prev = now
             if writer:
-                writer.writerow([_fmt(last[c]) for c in LOG_COLUMNS])
+                log_rows.append([_fmt(last[c]) for c in LOG_COLUMNS])
+                writer.writerow(log_rows[-1])
                 logf.flush()
             collapsed = _collapse_reason(last, K, min_protos)
             if collapsed and step >= warmup and step - last_warn >= warn_gap:
@@ -463,23 +467,24 @@ def _write_log_header(path: str) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_log(path: str, start: int) -> None:
-    """Fresh log with a header, or on resume keep only the rows of steps < start."""
-    if start == 0 or not os.path.isfile(path):
-        _write_log_header(path)
-        return
-    with open(path) as f:
-        lines = f.read().splitlines()
-    keep = ["\t".join(LOG_COLUMNS)]
-    for ln in lines[1:]:
-        try:
-            if int(ln.split("\t", 1)[0]) < start:
-                keep.append(ln)
-        except ValueError:
-            continue
+def _prepare_log(path: str, start: int, rows: list[list[str]] | None = None) -> None:
+    """Fresh log with a header; on resume the rows of steps < start, taken from the
+    checkpoint (the file itself may have been deleted by Snakemake after a kill)."""
+    lines = ["\t".join(LOG_COLUMNS)]
+    if start > 0:
+        if rows:
+            lines += ["\t".join(r) for r in rows if int(r[0]) < start]
+        elif os.path.isfile(path):  # checkpoint without rows: keep what the file has
+            with open(path) as f:
+                for ln in f.read().splitlines()[1:]:
+                    try:
+                        if int(ln.split("\t", 1)[0]) < start:
+                            lines.append(ln)
+                    except ValueError:
+                        continue
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write("\n".join(keep) + "\n")
+        f.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
 
 

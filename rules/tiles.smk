@@ -4,6 +4,7 @@ rule demo_slides:
     params:
         demo=config["demo"],
         seed=config["seed"],
+    threads: 2
     log:
         f"{RESULTS}/logs/demo_slides.log",
     conda:

@@ -254,7 +254,6 @@ def test_slide_split_never_leaks():
     assert set(sp.values()) == {"train", "test"}
     assert sum(v == "test" for v in sp.values()) == 5
     assert M.slide_split(reversed(ids), frac=0.3, seed=5) == sp  # deterministic, order-free
-    assert M.slide_split(ids, n_test=3, seed=0) != M.slide_split(ids, n_test=3, seed=1) or True
     assert sum(v == "test" for v in M.slide_split(["a", "b"], n_test=5).values()) == 1
     # evaluate without a split column: slide-level split, recorded; no slide in both
     t, X = make_tiles(split=False, n_slides=6)

@@ -306,28 +306,38 @@ def test_same_mag_batch_views_share_the_tile(index):
         torch.testing.assert_close(b["student"][:, v], b["teacher"])
 
 
-def test_real_slide_reader_on_pyramidal_tiff(tmp_path):
-    """Integration with madflow.slides.SlideReader on an Aperio-style TIFF pyramid."""
+@pytest.fixture(scope="module")
+def tiff_slide(tmp_path_factory):
+    """An Aperio-style TIFF pyramid (levels 1/4/16) and its tile table, for madflow.slides."""
     slides_mod = pytest.importorskip("madflow.slides")
     tifffile = pytest.importorskip("tifffile")
+    root = tmp_path_factory.mktemp("tiff")
     size = 1024
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, size=(size // 16, size // 16, 3)).astype(np.uint8)
     lvl0 = np.repeat(np.repeat(base, 16, 0), 16, 1)
     levels = [lvl0, lvl0.reshape(256, 4, 256, 4, 3).mean((1, 3)).astype(np.uint8),
               lvl0.reshape(64, 16, 64, 16, 3).mean((1, 3)).astype(np.uint8)]
-    path = tmp_path / "slide.svs"
+    path = root / "slide.svs"
     with tifffile.TiffWriter(path, bigtiff=False) as w:
         for n, im in enumerate(levels):
-            desc = "Aperio Image Library v12.0.0\n1024x1024 [0,0 1024x1024] (256x256) JPEG/RGB Q=90|AppMag = 40|MPP = 0.25" if n == 0 else ""
-            w.write(im, tile=(64, 64) if im.shape[0] >= 64 else None, photometric="rgb",
-                    compression=None, description=desc, metadata=None)
+            desc = ("Aperio Image Library v12.0.0\n1024x1024 [0,0 1024x1024] (64x64) RAW|AppMag = 40|MPP = 0.25"
+                    if n == 0 else "")
+            w.write(im, tile=(64, 64), photometric="rgb", compression=None, description=desc, metadata=None)
     try:
-        reader = slides_mod.SlideReader(str(path))
+        slides_mod.SlideReader(str(path))
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"SlideReader cannot open the test TIFF: {e}")
     df = make_table("real", path, size, size, lambda x, y, s: 1.0)
-    idx = D.TileIndex(df)
+    table = root / "real.parquet"
+    df.to_parquet(table)
+    return str(table), lvl0
+
+
+def test_real_slide_reader_on_pyramidal_tiff(tiff_slide):
+    """Integration with madflow.slides.SlideReader (the default reader)."""
+    table, lvl0 = tiff_slide
+    idx = D.TileIndex(D.load_tables([table]))
     ds = D.MADBatchDataset(idx, "mad", {"2.5->10": 1.0}, 2, 4, seed=0, total_steps=1,
                            augmenter=D.Augmenter(enabled=False))
     rows = ds.rows_for_step(0)
@@ -336,6 +346,23 @@ def test_real_slide_reader_on_pyramidal_tiff(tmp_path):
     ref.img = lvl0
     want = torch.from_numpy(ref.read_tiles(idx.df.iloc[rows["children"].ravel()])).permute(0, 3, 1, 2) / 255.0
     assert (student[:, :4].reshape(-1, 3, T, T) - want).abs().max() <= 2.0 / 255
+
+
+def test_cli_with_provenance_config(tiff_slide, tmp_path):
+    """python -m madflow.train as the pretrain rule calls it (config.json = provenance record)."""
+    table, _ = tiff_slide
+    cfg = tiny_cfg(steps=2, checkpoint_every=0, num_workers=1)
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(json.dumps({"experiment": "mad", "config": cfg, "git_commit": "x"}))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "madflow.train", "--config", str(cfg_path), "--experiment", "mad",
+           "--tables", table, "--out", str(out), "--seed", "0", "--device", "cpu"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert os.path.isfile(out / "encoder.pt") and os.path.isfile(out / "checkpoints" / "last.pt")
+    assert pd.read_csv(out / "train_log.tsv", sep="\t").step.tolist() == [0, 1]
+    p = subprocess.run(cmd[:6] + ["nope"] + cmd[7:], capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "nope" in p.stderr
 
 
 # ----------------------------------------------------------------------------- training
@@ -399,6 +426,7 @@ def test_kill_and_resume_equals_uninterrupted(slides, tmp_path, caplog):
     assert r.get("stopped") and not os.path.exists(os.path.join(out, "encoder.pt"))
     ck = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=False)
     assert ck["step"] == 4 and ck["sampler"]["next_step"] == 4
+    os.remove(os.path.join(out, "train_log.tsv"))  # Snakemake deletes a killed job's declared outputs
     with caplog.at_level(logging.INFO, logger="madflow.train"):
         _train_tables(cfg, slides, out)
     assert "resuming from step 4" in caplog.text

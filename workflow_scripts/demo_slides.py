@@ -13,5 +13,6 @@ out = make_demo(
     size=demo["size"],
     seed=snakemake.params.seed,
     n_test=demo["n_test"],
+    workers=snakemake.threads,
 )
 logging.info("wrote %s", out)
