@@ -33,11 +33,12 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import ListedColormap, to_hex  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 __all__ = [
     "experiment_palette", "mag_palette", "class_palette", "save_figure", "probe_heatmap",
     "retention_bars", "clustering_bars", "embedding_map", "delta_hier_dist",
-    "segmentation_maps", "training_curves", "summary_table", "SUMMARY_METRICS",
+    "segmentation_maps", "training_curves", "tiling_qc", "summary_table", "SUMMARY_METRICS",
 ]
 
 # fixed colours for the named experiments (SPEC section 9), so a figure never recolours
@@ -241,7 +242,8 @@ def probe_heatmap(metrics_df: pd.DataFrame, experiment: str | None, out) -> list
     if agg.value.notna().sum() == 0:
         note = ""
         if "note" in df.columns and len(df[df.metric == "probe_ba"]):
-            note = str(df[df.metric == "probe_ba"]["note"].iloc[0])
+            n = df[df.metric == "probe_ba"]["note"].iloc[0]
+            note = "" if pd.isna(n) else str(n)
         _empty(ax, note or "no probe results")
         ax.set_title(title)
         return save_figure(fig, out)
@@ -338,7 +340,7 @@ def clustering_bars(summary_df: pd.DataFrame, out) -> list[str]:
 def embedding_map(pca_df: pd.DataFrame, out, max_points: int = 20000, seed: int = 0,
                   title: str | None = None) -> list[str]:
     """2-D PCA of the embeddings: left coloured by class (by slide when there are no
-    labels), right by magnification."""
+    labels), right by magnification.  ``title`` (e.g. the experiment) prefixes the title."""
     _style()
     d = pca_df
     ms_all = d["mag"].map(_mag_str)
@@ -389,7 +391,8 @@ def embedding_map(pca_df: pd.DataFrame, out, max_points: int = 20000, seed: int 
     axes[0].set_ylabel("PC 2 (embedding units)")
     sub = (f"{len(d):,} tiles, subsampled to ≤{max_points // n_mag:,} per magnification"
            if balanced else f"{len(d):,} tiles")
-    fig.suptitle(title or f"Embedding map (PCA of tile embeddings; {sub})", fontsize=10)
+    head = f"{title}: embedding map" if title else "Embedding map"
+    fig.suptitle(f"{head} (PCA of tile embeddings; {sub})", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out)
 
@@ -464,19 +467,24 @@ def segmentation_maps(pred_df: pd.DataFrame, tiles_df: pd.DataFrame | None, slid
         H = float((ref["y0"] + ref["size0"]).max())
     else:
         W = H = 1.0
+    MIXED = f"mixed (purity < {min_purity:g})"
     gt = (t if t is not None and "label" in t.columns else p).copy()
     if len(gt) and "label" in gt.columns:
         gt["label"] = gt["label"].astype(object).where(gt["label"].notna(), None)
         if "label_purity" in gt.columns:
-            impure = pd.to_numeric(gt["label_purity"], errors="coerce").fillna(0).to_numpy() < min_purity
-            gt.loc[impure, "label"] = None
+            pur = pd.to_numeric(gt["label_purity"], errors="coerce").to_numpy(float)
+            impure = gt["label"].notna().to_numpy() & ~(pur >= min_purity)
+            gt.loc[impure, "label"] = MIXED
     has_gt = len(gt) > 0 and "label" in gt.columns and gt["label"].notna().any()
     names = set(p["pred"].dropna().astype(str)) if "pred" in p.columns else set()
     if has_gt:
-        names |= set(gt["label"].dropna().astype(str))
+        names |= set(gt["label"].dropna().astype(str)) - {MIXED}
     pal = class_palette(names)
+    if has_gt and (gt["label"] == MIXED).any():
+        pal[MIXED] = "#d9d9d9"
     codes = {c: i for i, c in enumerate(pal)}
     cmap = ListedColormap(list(pal.values()) or ["#cccccc"]).with_extremes(bad="white")
+    kfmt = FuncFormatter(lambda v, _: f"{v / 1000:g}")
     ncol = max(len(mags), 1)
     fig, axes = plt.subplots(2, ncol, figsize=(2.9 * ncol + 1.6, 5.8), squeeze=False)
     src = str(p["source"].dropna().iloc[0]) if "source" in p.columns and p["source"].notna().any() else "prediction"
@@ -488,7 +496,8 @@ def segmentation_maps(pred_df: pd.DataFrame, tiles_df: pd.DataFrame | None, slid
             if ri == 1 and not has_gt:
                 _empty(ax, "not applicable: no labels")
             elif len(dm) == 0 or col not in dm.columns or dm[col].notna().sum() == 0:
-                _empty(ax, "no tiles")
+                _empty(ax, "no tiles" if len(dm) == 0 else
+                       ("no labelled tiles" if ri else "no predictions"))
             else:
                 img, w, h = _class_grid(dm, col, codes, W, H)
                 ax.imshow(np.ma.masked_invalid(img), cmap=cmap, vmin=-0.5,
@@ -496,15 +505,17 @@ def segmentation_maps(pred_df: pd.DataFrame, tiles_df: pd.DataFrame | None, slid
                           extent=(0, w, h, 0))
                 ax.set_xlim(0, W)
                 ax.set_ylim(H, 0)
-                ax.set_xlabel("x (level-0 px)")
-                ax.set_ylabel("y (level-0 px)")
-                ax.ticklabel_format(style="sci", scilimits=(0, 3))
+                ax.set_xlabel("x (level-0 px × 1000)")
+                ax.set_ylabel("y (level-0 px × 1000)")
+                ax.xaxis.set_major_formatter(kfmt)
+                ax.yaxis.set_major_formatter(kfmt)
+                ax.set_aspect("equal")
                 ax.grid(False)
             ax.set_title(f"{lab}, {m}×", fontsize=8)
     handles = [Patch(color=c, label=n) for n, c in pal.items()]
     if handles:
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5),
-                   frameon=False, title="Class")
+                   frameon=False, title="Class" if src.startswith("probe") else "Class / cluster")
     fig.suptitle(f"Segmentation maps per magnification, slide {slide_id}", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out)
@@ -543,6 +554,40 @@ def training_curves(log_dfs: Mapping[str, pd.DataFrame], out, smooth: int = 10) 
     fig.tight_layout()
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5),
                frameon=False, title="Experiment")
+    return save_figure(fig, out)
+
+
+def tiling_qc(qc_pngs: Sequence, out, max_slides: int = 12, ncols: int = 4) -> list[str]:
+    """Montage of the per-slide tiling QC thumbnails (``results/tiles/qc/<slide>.png``,
+    drawn by ``madflow.tiling.qc_image``: tissue mask tinted blue, coarsest-magnification
+    grid with tissue tiles outlined green, others grey), titled by slide id."""
+    _style()
+    paths = sorted(str(p) for p in qc_pngs)
+    shown = paths[:max_slides]
+    n = max(len(shown), 1)
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * nrows + 0.4),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    if not shown:
+        _empty(axes[0, 0], "no QC thumbnails")
+    for ax, p in zip(axes.ravel(), shown):
+        try:
+            ax.imshow(plt.imread(p), interpolation="lanczos")
+        except Exception as e:  # an unreadable thumbnail should not hide the others
+            _empty(ax, f"unreadable: {type(e).__name__}")
+        ax.set_title(Path(p).stem, fontsize=8)
+    more = f" (first {len(shown)} of {len(paths)} slides)" if len(paths) > len(shown) else ""
+    fig.suptitle("Tiling QC: tissue mask (blue tint) and coarsest grid "
+                 f"(green = tissue tile, grey = background){more}", fontsize=9)
+    handles = [Patch(facecolor="#3caaff", alpha=0.5, label="tissue mask"),
+               Patch(facecolor="none", edgecolor="#00c800", label="tissue tile"),
+               Patch(facecolor="none", edgecolor="#969696", label="background tile")]
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False,
+               bbox_to_anchor=(0.5, -0.04))
     return save_figure(fig, out)
 
 

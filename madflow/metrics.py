@@ -377,9 +377,10 @@ def evaluate(tiles: pd.DataFrame, X: np.ndarray, *, magnifications: Sequence[flo
     ``metric, scope, value, ci_low, ci_high, note``; ``artifacts`` holds
     ``predictions`` (per test tile: the 10x probe's class, or the 10x k-means cluster when
     label-free, for segmentation maps), ``pca`` (2-D PCA per tile), ``delta_hier``
-    (per-parent values), ``kmeans`` (assignments per clustering scope), ``split``
-    (slide -> train/test, with where it came from), ``classes``, ``probe_C`` and
-    ``labelled`` (bool).
+    (per-parent values), ``kmeans`` (assignments per clustering scope: ``row`` indexes
+    ``tiles``), ``split`` ({slide_id: "train"|"test"}) and ``split_source`` ("tiles" or the
+    ``slide_split`` call that made it), ``classes``, ``probe_C`` ({mag: chosen C}),
+    ``labelled`` (bool) and ``magnifications``.  All but the DataFrames are JSON-ready.
     """
     if threads:
         with threadpool_limits(limits=int(threads)):
@@ -423,9 +424,7 @@ def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed,
     split = split.to_numpy().astype(str)
     is_test = split == "test"
     is_train = split == "train"
-    split_table = (pd.DataFrame({"slide_id": slide, "split": split}).drop_duplicates()
-                   .sort_values("slide_id").reset_index(drop=True))
-    split_table["source"] = split_source
+    split_map = dict(sorted(zip(slide.tolist(), split.tolist())))
     test_slides = np.unique(slide[is_test])
     slide_code = {s: i for i, s in enumerate(test_slides)}
     S = len(test_slides)
@@ -457,8 +456,8 @@ def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed,
     boot_w = _slide_weights(rng, S, n_bootstrap)  # shared across slide-level metrics
     rows: list[dict] = []
     keys = _key_arrays(t0)
-    artifacts: dict = {"split": split_table, "classes": classes, "labelled": bool(label_mode),
-                       "magnifications": mags}
+    artifacts: dict = {"split": split_map, "split_source": split_source, "classes": classes,
+                       "labelled": bool(label_mode), "magnifications": mags}
 
     # -- probe transfer matrix --------------------------------------------------------
     probes: dict[float, _Probe | None] = {}
@@ -499,17 +498,20 @@ def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed,
         rows += ba_rows + f1_rows
         r_rows, rcc_rows = [], []
         for a in mags:
-            for b in mags:
-                if a == b:
-                    continue
+            for b in mags:  # all 9 pairs like the probe; R(a->a) = 1 by construction
                 sc = pair_str(a, b)
                 if (a, b) in ba_point and (a, a) in ba_point:
                     r = retention(ba_point[(a, b)], ba_point[(a, a)])
                     rb = retention(ba_boot[(a, b)], ba_boot[(a, a)])
                     rc = retention_cc(ba_point[(a, b)], ba_point[(a, a)], C)
                     rcb = retention_cc(ba_boot[(a, b)], ba_boot[(a, a)], C)
-                    r_rows.append(_row("retention", sc, r, *bootstrap_ci(rb)))
-                    rcc_rows.append(_row("retention_cc", sc, rc, *bootstrap_ci(rcb)))
+                    n_r = "" if np.isfinite(r) else f"undefined: BA({mag_str(a)}->{mag_str(a)}) = 0"
+                    n_rc = "" if np.isfinite(rc) else \
+                        f"undefined: BA({mag_str(a)}->{mag_str(a)}) = chance (1/{C})"
+                    r_rows.append(_row("retention", sc, r if np.isfinite(r) else np.nan,
+                                       *bootstrap_ci(rb), note=n_r))
+                    rcc_rows.append(_row("retention_cc", sc, rc if np.isfinite(rc) else np.nan,
+                                         *bootstrap_ci(rcb), note=n_rc))
                 else:
                     nt = notes.get(a, "not applicable: BA(a->a) or BA(a->b) missing")
                     r_rows.append(_row("retention", sc, note=nt))
@@ -519,8 +521,7 @@ def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed,
         for name in ("probe_ba", "probe_f1"):
             rows += [_row(name, pair_str(a, b), note=why_nolab) for a in mags for b in mags]
         for name in ("retention", "retention_cc"):
-            rows += [_row(name, pair_str(a, b), note=why_nolab)
-                     for a in mags for b in mags if a != b]
+            rows += [_row(name, pair_str(a, b), note=why_nolab) for a in mags for b in mags]
 
     # -- clustering ---------------------------------------------------------------------
     km_records = []
@@ -680,6 +681,12 @@ def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed,
             "pc1": Z[:, 0], "pc2": Z[:, 1]})
 
     metrics_df = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    # every missing value says why
+    bad = metrics_df["value"].isna() & (metrics_df["note"] == "")
+    dbi = bad & (metrics_df["metric"] == "dbi")
+    metrics_df.loc[dbi, "note"] = ("undefined: Davies-Bouldin needs >= 2 clusters and more "
+                                   "tiles than clusters")
+    metrics_df.loc[bad & ~dbi, "note"] = "undefined: degenerate input"
     return metrics_df, artifacts
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import openslide
 from PIL import Image
@@ -197,8 +198,13 @@ class SlideReader:
         data = os.pread(self._fd, count, offset) if count else None
         if count and len(data) != count:
             raise SlideError(f"{self.path}: truncated file (tile {index} of level {level})")
-        segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
-        tile = np.asarray(segment).reshape(page.tilelength, page.tilewidth, -1)[..., :3]
+        if page.compression == 7 and page.photometric in (2, 6) and data:
+            # plain JPEG (RGB or YCbCr): libjpeg-turbo directly, ~1.3x faster than page.decode
+            tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables)
+        else:
+            segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
+            tile = np.asarray(segment)
+        tile = tile.reshape(page.tilelength, page.tilewidth, -1)[..., :3]
         self._cache[key] = tile
         if len(self._cache) > self._cache_tiles:
             self._cache.popitem(last=False)

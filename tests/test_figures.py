@@ -119,6 +119,30 @@ def test_training_curves(tmp_path):
     _check(F.training_curves(logs, tmp_path / "curves"))
 
 
+def test_tiling_qc(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i in range(3):
+        img = np.full((64, 80, 3), 240, np.uint8)
+        img[10:50, 10:60] = (60 + 40 * i, 170, 255)
+        p = tmp_path / f"slide{i}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    _check(F.tiling_qc(paths, tmp_path / "qc" / "tiling_qc"))
+    _check(F.tiling_qc([], tmp_path / "qc_empty"))
+
+
+def test_tsv_roundtrip_inputs(runs, tmp_path):
+    # the workflow reads metrics.tsv back with keep_default_na=False, na_values=[""]:
+    # empty notes become NaN, and the label-free heatmap must still draw
+    p = tmp_path / "m.tsv"
+    runs["external:foo"][1].assign(seed=0).to_csv(p, sep="\t", index=False)
+    back = pd.read_csv(p, sep="\t", keep_default_na=False, na_values=[""])
+    _check(F.probe_heatmap(back, "external:foo", tmp_path / "h"))
+    _check(F.clustering_bars(back, tmp_path / "c"))
+
+
 def test_summary_table(runs):
     dfs = [r[1] for r in runs.values()]
     s = F.summary_table(dfs)

@@ -1,6 +1,8 @@
 """Tests for madflow.metrics: every metric on constructed embeddings with a known answer."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -83,9 +85,8 @@ def test_scopes_and_names(clean):
     _, _, df, _ = clean
     assert list(df.columns) == M.METRIC_COLUMNS
     pairs = [f"{a}->{b}" for a in ("2.5", "10", "40") for b in ("2.5", "10", "40")]
-    off = [p for p in pairs if p.split("->")[0] != p.split("->")[1]]
     expect = {
-        "probe_ba": pairs, "probe_f1": pairs, "retention": off, "retention_cc": off,
+        "probe_ba": pairs, "probe_f1": pairs, "retention": pairs, "retention_cc": pairs,
         "ami": ["global", "2.5", "10", "40"], "dbi": ["global", "2.5", "10", "40"],
         "mag_leakage": ["global"],
         "delta_hier": ["2.5->10", "10->40", "2.5->40"],
@@ -110,6 +111,7 @@ def test_identical_embeddings_invariant(clean):
         for b in ("2.5", "10", "40"):
             assert val(df, "probe_ba", f"{a}->{b}") > 0.99
     assert val(df, "retention", "10->40") == pytest.approx(1.0, abs=0.01)
+    assert val(df, "retention", "10->10") == 1.0
     assert val(df, "retention_cc", "10->40") == pytest.approx(1.0, abs=0.01)
     assert val(df, "ami", "global") > 0.95
     assert abs(val(df, "mag_leakage", "global")) < 0.05
@@ -259,15 +261,31 @@ def test_slide_split_never_leaks():
     t, X = make_tiles(split=False, n_slides=6)
     df, art = M.evaluate(t, X, magnifications=MAGS, n_bootstrap=20)
     sp = art["split"]
-    assert not sp.slide_id.duplicated().any()
-    assert set(sp.split) == {"train", "test"}
-    assert sp.source.iloc[0].startswith("slide_split")
-    assert set(art["predictions"].slide_id) == set(sp.slide_id[sp.split == "test"])
+    assert sorted(sp) == sorted(t.slide_id.unique())  # one split per slide
+    assert set(sp.values()) == {"train", "test"}
+    assert art["split_source"].startswith("slide_split")
+    test_ids = {s for s, v in sp.items() if v == "test"}
+    assert set(art["predictions"].slide_id) == test_ids
+    assert set(art["delta_hier"].slide_id) <= test_ids
+    assert sp == M.slide_split(t.slide_id, frac=0.3, seed=0)
+    json.dumps({k: v for k, v in art.items() if not isinstance(v, pd.DataFrame)})
     # inconsistent split within a slide is refused
     t, X = make_tiles()
     t.loc[t.index[0], "split"] = "train"  # S00 is a test slide
     with pytest.raises(ValueError, match="both splits"):
         M.evaluate(t, X, magnifications=MAGS, n_bootstrap=10)
+
+
+def test_probe_fits_on_train_slides_only():
+    # train slides carry shuffled labels, test slides true ones: a probe fitted on train
+    # slides only is at chance on the test slides; one that saw test slides would not be
+    t, X = make_tiles(n_slides=8, n_test=3, noise=0.3)
+    rng = np.random.default_rng(0)
+    tr = (t.split == "train").to_numpy()
+    t.loc[tr, "label"] = rng.permutation(t.loc[tr, "label"].to_numpy())
+    df, _ = M.evaluate(t, X, magnifications=MAGS, n_bootstrap=20)
+    assert val(df, "probe_ba", "40->40") < 0.6
+    assert val(df, "ami", "global") > 0.9  # clustering uses test slides only
 
 
 def test_tidy_schema(clean):
