@@ -353,7 +353,14 @@ _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
 class Augmenter:
     """Native-resolution augmentations (no resized crops): flips, 90-degree rotations,
     HED stain jitter, brightness/contrast/saturation jitter, light Gaussian blur, then
-    ImageNet normalisation. All randomness comes from the numpy ``rng`` passed in."""
+    ImageNet normalisation. All randomness comes from the numpy ``rng`` passed in.
+
+    Batched implementation (one pass per operation over the whole batch, in place on a
+    private copy; the input tensor is never modified): the HED jitter
+    ``exp(-(((-log x) @ H) * a + b) @ R)`` is one per-image 3x3 colour matrix
+    ``M = H diag(a) R`` and offset ``c = b R`` applied with one batched matmul,
+    ``exp(log(x) @ M - c)``; the blur convolves only the views drawn for it, in one
+    grouped convolution."""
 
     hed_jitter: float = 0.05
     color_jitter: float = 0.1
@@ -364,15 +371,48 @@ class Augmenter:
     std: tuple = IMAGENET_STD
     _hed: torch.Tensor = field(default=None, init=False, repr=False)
     _rgb: torch.Tensor = field(default=None, init=False, repr=False)
+    _consts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self._hed = torch.tensor(_HED_FROM_RGB, dtype=torch.float32)
         self._rgb = torch.tensor(_RGB_FROM_HED, dtype=torch.float32)
 
+    def _mean_std(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (dtype, tuple(self.mean), tuple(self.std))
+        ms = self._consts.get(key)
+        if ms is None:
+            ms = self._consts[key] = (torch.tensor(self.mean, dtype=dtype).view(1, 3, 1, 1),
+                                      torch.tensor(self.std, dtype=dtype).view(1, 3, 1, 1))
+        return ms
+
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
+        mean, std = self._mean_std(x.dtype)
         return (x - mean) / std
+
+    @staticmethod
+    def _geometry(x: torch.Tensor, flip_h, flip_v, rot) -> torch.Tensor:
+        """Per-view flip (W), flip (H), then rot90 by ``rot`` quarter turns; a new tensor.
+        Views with the same (flip_h, flip_v, rot) are transformed together."""
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        code = flip_h.astype(np.int64) * 8 + flip_v.astype(np.int64) * 4 + rot.astype(np.int64)
+        for c in np.unique(code):
+            sel = np.flatnonzero(code == c)
+            fh, fv, r = bool(c & 8), bool(c & 4), int(c & 3)
+            whole = len(sel) == x.shape[0]
+            t = x if whole else x[torch.from_numpy(sel)]
+            if fh and fv:
+                t = t.flip(-2, -1)
+            elif fh:
+                t = t.flip(-1)
+            elif fv:
+                t = t.flip(-2)
+            if r:
+                t = torch.rot90(t, r, dims=(-2, -1))
+            if whole:
+                out.copy_(t)
+            else:
+                out[torch.from_numpy(sel)] = t
+        return out
 
     def __call__(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """x: float [N, 3, T, T] in [0, 1] -> augmented and normalised."""
@@ -390,49 +430,57 @@ class Augmenter:
         sat = rng.uniform(1 - cj, 1 + cj, size=N)
         blur = rng.random(N) < self.blur_prob
         sig = rng.uniform(self.blur_sigma[0], self.blur_sigma[1], size=N)
+        if N == 0:
+            return self.normalise(x)
 
-        # geometry (exact pixel permutations)
-        out = []
-        for n in range(N):
-            t = x[n]
-            if flip_h[n]:
-                t = t.flip(-1)
-            if flip_v[n]:
-                t = t.flip(-2)
-            if rot[n]:
-                t = torch.rot90(t, int(rot[n]), dims=(-2, -1))
-            out.append(t)
-        x = torch.stack(out)
+        # geometry (exact pixel permutations); x is now our own contiguous copy
+        x = self._geometry(x, flip_h, flip_v, rot)
+        dt = x.dtype
+        H, W = x.shape[-2:]
+        flat = x.view(N, 3, H * W)
 
-        # HED stain jitter in optical density space
+        # HED stain jitter in optical density space, as one colour matrix per view
         if self.hed_jitter > 0:
-            od = -torch.log(x.clamp(1.0 / 255.0, 1.0))                      # [N,3,H,W]
-            stains = torch.einsum("nchw,cd->ndhw", od, self._hed)
-            a = torch.as_tensor(hed_a, dtype=x.dtype).view(N, 3, 1, 1)
-            b = torch.as_tensor(hed_b, dtype=x.dtype).view(N, 3, 1, 1)
-            stains = stains * a + b
-            od = torch.einsum("ndhw,dc->nchw", stains, self._rgb)
-            x = torch.exp(-od).clamp(0.0, 1.0)
+            # od' = ((od @ Hm) * a + b) @ R = od @ (Hm diag(a) R) + b @ R, od = -log x
+            M = np.einsum("cd,nd,de->nce", _HED_FROM_RGB, hed_a, _RGB_FROM_HED)   # [N, in, out]
+            c = hed_b @ _RGB_FROM_HED                                             # [N, out]
+            Mt = torch.as_tensor(M.transpose(0, 2, 1), dtype=dt).contiguous()     # [N, out, in]
+            negc = torch.as_tensor(-c, dtype=dt).view(N, 3, 1).expand(N, 3, H * W)
+            flat.clamp_(1.0 / 255.0, 1.0).log_()
+            flat = torch.baddbmm(negc, Mt, flat)   # log of the jittered image
+            flat.exp_().clamp_(0.0, 1.0)
 
         # brightness / contrast / saturation
         if cj > 0:
-            x = (x * torch.as_tensor(bri, dtype=x.dtype).view(N, 1, 1, 1)).clamp(0, 1)
-            gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-            m = gray.mean(dim=(2, 3), keepdim=True)
-            x = (m + (x - m) * torch.as_tensor(con, dtype=x.dtype).view(N, 1, 1, 1)).clamp(0, 1)
-            gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-            x = (gray + (x - gray) * torch.as_tensor(sat, dtype=x.dtype).view(N, 1, 1, 1)).clamp(0, 1)
+            w = torch.tensor([[0.299, 0.587, 0.114]], dtype=dt)
+            bri_t = torch.as_tensor(bri, dtype=dt).view(N, 1, 1)
+            con_t = torch.as_tensor(con, dtype=dt).view(N, 1, 1)
+            sat_t = torch.as_tensor(sat, dtype=dt).view(N, 1, 1)
+            flat.mul_(bri_t).clamp_(0.0, 1.0)
+            gray = torch.matmul(w, flat)                                   # [N, 1, HW]
+            m = gray.mean(dim=2, keepdim=True)                             # [N, 1, 1]
+            # m + (x - m) * con
+            flat.mul_(con_t).add_(m * (1 - con_t)).clamp_(0.0, 1.0)
+            gray = torch.matmul(w, flat)
+            # gray + (x - gray) * sat
+            flat.mul_(sat_t).add_(gray * (1 - sat_t)).clamp_(0.0, 1.0)
+        x = flat.view(N, 3, H, W)
 
-        # light blur on a few views
-        for n in np.flatnonzero(blur):
-            s = float(sig[n])
-            r = torch.arange(-1, 2, dtype=x.dtype)
-            k1 = torch.exp(-(r ** 2) / (2 * s * s))
-            k1 = k1 / k1.sum()
-            k2 = (k1[:, None] * k1[None, :]).expand(3, 1, 3, 3)
-            t = F.pad(x[n:n + 1], (1, 1, 1, 1), mode="reflect")
-            x[n] = F.conv2d(t, k2, groups=3)[0]
-        return self.normalise(x)
+        # light blur on a few views: one grouped 3x3 convolution over those views only
+        sel = np.flatnonzero(blur)
+        if len(sel):
+            s = sig[sel].astype(np.float64)
+            r = np.arange(-1, 2, dtype=np.float64)
+            k1 = np.exp(-(r[None, :] ** 2) / (2 * s[:, None] ** 2))
+            k1 /= k1.sum(axis=1, keepdims=True)
+            k2 = torch.as_tensor(k1[:, :, None] * k1[:, None, :], dtype=dt)      # [n, 3, 3]
+            k2 = k2.repeat_interleave(3, dim=0).unsqueeze(1)                     # [3n, 1, 3, 3]
+            idx = torch.from_numpy(sel)
+            t = F.pad(x[idx].reshape(1, 3 * len(sel), H, W), (1, 1, 1, 1), mode="reflect")
+            x[idx] = F.conv2d(t, k2, groups=3 * len(sel)).view(len(sel), 3, H, W)
+
+        mean, std = self._mean_std(dt)
+        return x.sub_(mean).div_(std)
 
 
 def _default_reader_factory(path: str):

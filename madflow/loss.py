@@ -38,8 +38,12 @@ class DINOLoss(nn.Module):
 
     def __init__(self, out_dim: int, student_temp: float = 0.1,
                  teacher_temp_schedule: float | Sequence[float] | Callable[[int], float] = 0.04,
-                 center_momentum: float = 0.9):
+                 center_momentum: float = 0.9, centering: str = "ema", sinkhorn_iterations: int = 3):
         super().__init__()
+        if centering not in ("ema", "sinkhorn"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {centering!r}")
+        self.centering = centering
+        self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.out_dim = int(out_dim)
         self.student_temp = float(student_temp)
         self.center_momentum = float(center_momentum)
@@ -57,7 +61,35 @@ class DINOLoss(nn.Module):
         return float(tt[min(int(step), len(tt) - 1)])
 
     def teacher_probs(self, teacher_out: torch.Tensor, step: int) -> torch.Tensor:
+        if self.centering == "sinkhorn":
+            return self.sinkhorn_knopp(teacher_out, self.teacher_temp(step))
         return F.softmax((teacher_out.float() - self.center) / self.teacher_temp(step), dim=-1)
+
+    @torch.no_grad()
+    def sinkhorn_knopp(self, teacher_out: torch.Tensor, temp: float) -> torch.Tensor:
+        """Sinkhorn-Knopp teacher (SwAV / DINOv2 alternative to the EMA centre): rows are
+        distributions, prototypes get equal mass over the (global) batch."""
+        t = teacher_out.detach().float()
+        mx = t.max()
+        if _dist_on():
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        Q = torch.exp((t - mx) / temp).t()  # [K, B]
+        K, Bl = Q.shape
+        Bg = Bl * (dist.get_world_size() if _dist_on() else 1)
+        tot = Q.sum()
+        if _dist_on():
+            dist.all_reduce(tot)
+        Q /= tot
+        for _ in range(self.sinkhorn_iterations):
+            rows = Q.sum(dim=1, keepdim=True)
+            if _dist_on():
+                dist.all_reduce(rows)
+            Q /= rows.clamp_min(1e-30)
+            Q /= K
+            Q /= Q.sum(dim=0, keepdim=True)
+            Q /= Bg
+        Q *= Bg
+        return Q.t()
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, step: int = 0,
                 update_center: bool = True) -> torch.Tensor:
@@ -78,7 +110,7 @@ class DINOLoss(nn.Module):
                 "kl_teacher_student": (ce - ent.unsqueeze(1)).mean().detach(),
                 "teacher_argmax": t.argmax(-1).detach(),
             }
-        if update_center and self.training:
+        if update_center and self.training and self.centering == "ema":
             self.update_center(teacher_out)
         return loss
 

@@ -120,12 +120,18 @@ class DINOHead(nn.Module):
     """MLP (3 layers, GELU) -> bottleneck -> L2 normalise -> weight-normalised prototypes."""
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 n_prototypes: int = 65536):
+                 n_prototypes: int = 65536, use_bn: bool = False):
         super().__init__()
+        # use_bn (DINO's option): batch-normalised hidden layers spread the outputs of a
+        # freshly initialised ViT, whose CLS tokens barely differ between tiles; without it a
+        # small-batch run starts with every tile on one prototype and collapses to uniform
+        norm = (lambda: nn.BatchNorm1d(hidden_dim)) if use_bn else nn.Identity
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
+            norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim),
+            norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
@@ -187,7 +193,8 @@ class MADModel(nn.Module):
                             model_cfg.get("checkpoint"), img_size)
         h = model_cfg.get("head") or {}
         head = DINOHead(backbone_dim(bb), int(h.get("hidden_dim", 2048)),
-                        int(h.get("bottleneck_dim", 256)), int(h.get("n_prototypes", 65536)))
+                        int(h.get("bottleneck_dim", 256)), int(h.get("n_prototypes", 65536)),
+                        use_bn=bool(h.get("use_bn", False)))
         return cls(bb, head)
 
     @torch.no_grad()

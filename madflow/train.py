@@ -62,6 +62,7 @@ TRAIN_DEFAULTS = {
     "hed_jitter": 0.05,        # HED stain jitter: scale U(1-h, 1+h), shift U(-h, h) per stain
     "color_jitter": 0.1,       # brightness/contrast/saturation factors U(1-c, 1+c)
     "blur_prob": 0.1,          # probability of a light 3x3 Gaussian blur per view
+    "centering": "ema",        # "ema" (DINO centre, SPEC default) or "sinkhorn" (SwAV/DINOv2)
     "stop_after": None,        # stop (without final checkpoint) once this many steps are done
     "collapse_min_prototypes": 3,
 }
@@ -264,7 +265,8 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
     K = int(model.student.head.n_prototypes)
     tt0, tt1 = _pair2(tcfg["teacher_temp"], "teacher_temp")
     tt_sched = teacher_temp_schedule(tt0, tt1, int(round(float(tcfg["teacher_temp_warmup_frac"]) * total)), total)
-    dino_loss = DINOLoss(K, float(tcfg["student_temp"]), tt_sched, float(tcfg["center_momentum"])).to(dev)
+    dino_loss = DINOLoss(K, float(tcfg["student_temp"]), tt_sched, float(tcfg["center_momentum"]),
+                         centering=str(tcfg.get("centering", "ema"))).to(dev)
     opt = torch.optim.AdamW(_param_groups(model.student), lr=float(tcfg["lr"]), betas=(0.9, 0.999))
     warmup = int(round(float(tcfg["warmup_frac"]) * total))
     lr_s = lr_schedule(float(tcfg["lr"]), float(tcfg["min_lr"]), warmup, total)
@@ -300,6 +302,9 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # batch statistics of a BN head must be those of the global batch
+        model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.student)
+        model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.teacher)
         student = DDP(model.student, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     ds = MADBatchDataset(

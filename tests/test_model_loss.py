@@ -197,3 +197,16 @@ def test_koleo_hand_computed():
     expected = -np.mean(np.log(np.array(d)))
     assert abs(koleo_loss(x).item() - expected) < 1e-4
     assert koleo_loss(torch.randn(1, 5)).item() == 0.0
+
+
+def test_sinkhorn_teacher_balances_prototypes():
+    torch.manual_seed(0)
+    loss_fn = DINOLoss(6, 0.1, 0.05, 0.9, centering="sinkhorn", sinkhorn_iterations=50)
+    t = torch.randn(12, 6) * 0.1 + torch.tensor([3.0, 0, 0, 0, 0, 0])  # one dominant prototype
+    q = loss_fn.teacher_probs(t, 0)
+    torch.testing.assert_close(q.sum(1), torch.ones(12))
+    torch.testing.assert_close(q.sum(0), torch.full((6,), 2.0), atol=1e-3, rtol=0)
+    ema = DINOLoss(6, 0.1, 0.05, 0.9).teacher_probs(t, 0)
+    assert (ema.argmax(1) == 0).all() and len(set(q.argmax(1).tolist())) > 1
+    loss_fn(torch.zeros(12, 2, 6), t, 0)
+    assert torch.all(loss_fn.center == 0)  # no EMA centre in sinkhorn mode

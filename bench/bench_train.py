@@ -1,0 +1,219 @@
+"""Training data-loader throughput versus training consumption, side by side.
+
+Builds a small synthetic demo (4 slides of 4096 px; reused from --workdir when already
+there), tiles it with the config's magnifications / tile size / min_tissue, and measures
+in one process, with repeats interleaved so that background load hits every row alike:
+
+  loader (augmented)   MADBatchDataset.batch_for_step with the training Augmenter
+  loader (no augment)  the same rows with Augmenter(enabled=False) (read + normalise only)
+  augment only         the Augmenter alone on an already read batch
+  train step           student fwd+bwd+clip+AdamW on the student views + teacher fwd +
+                       EMA update (madflow.train's step), on random tensors of the batch shape
+
+Images per step = teacher + student views (B + B*V). The loader rows run with 1 torch
+thread, as in a DataLoader worker (torch sets 1 thread there); the train row uses this
+process's thread count (--threads). Supply = loader img/s x max(num_workers, 1); the
+issue asks for supply >= 2 x what training consumes. Every number is a median over
+--repeats of the per-repeat rate (wall clock).
+
+    python bench/bench_train.py [--config config.yaml] [--repeats 5] [--steps 2]
+                                [--model-kwargs '{"patch_size": 16}'] [--workdir DIR]
+
+On a shared machine run it with ``nice -n 19``; the load average is printed first.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from madflow.data import Augmenter, MADBatchDataset, TileIndex, load_tables  # noqa: E402
+from madflow.loss import DINOLoss  # noqa: E402
+from madflow.manifest import check_manifest  # noqa: E402
+from madflow.model import MADModel  # noqa: E402
+from madflow.synth import make_demo  # noqa: E402
+from madflow.tiling import tile_slide  # noqa: E402
+from madflow.train import _param_groups, resolve_train_config  # noqa: E402
+
+
+def build_tables(workdir: Path, mags, tile_px: int, min_tissue: float) -> list[str]:
+    """Demo slides + per-slide tile tables (train split only); cached in workdir."""
+    tag = f"T{tile_px}_m{'-'.join(f'{m:g}' for m in mags)}_t{min_tissue:g}"
+    tdir = workdir / f"tiles_{tag}"
+    done = tdir / "DONE"
+    if done.exists():
+        return done.read_text().split()
+    slides = workdir / "slides"
+    man = slides / "manifest.tsv"
+    if not man.exists():
+        t0 = time.perf_counter()
+        make_demo(slides, n_slides=4, size=4096, seed=0, n_test=1, workers=1)
+        print(f"# demo slides written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    checked, _ = check_manifest(man, list(mags), tile_px, "error", 0.3, 0)
+    tdir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for _, row in checked.iterrows():
+        if str(row.get("split", "train")) != "train":
+            continue
+        grid = tile_slide(row.to_dict(), list(mags), tile_px, min_tissue)[0]
+        p = tdir / f"{row['slide_id']}.parquet"
+        grid.to_parquet(p)
+        out.append(str(p))
+    done.write_text("\n".join(out) + "\n")
+    return out
+
+
+class Threads:
+    """Temporarily set torch's intra-op thread count."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(REPO / "config.yaml"))
+    ap.add_argument("--experiment", default="mad", help="experiment of the config (its overrides apply)")
+    ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "madflow_bench_train"))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=2, help="steps timed per repeat and row")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="torch threads of the training step (default: this process's)")
+    ap.add_argument("--model-kwargs", default=None,
+                    help="JSON merged into model.kwargs, e.g. '{\"patch_size\": 16}'")
+    ap.add_argument("--json", default=None, help="also write the table as JSON here")
+    args = ap.parse_args(argv)
+
+    with open(args.config) as f:
+        cfg = yaml.safe_load(f)
+    exp = (cfg.get("experiments") or {}).get(args.experiment) or {}
+    mode, tcfg, mcfg = resolve_train_config(cfg, exp)
+    if args.model_kwargs:
+        mcfg["kwargs"] = {**(mcfg.get("kwargs") or {}), **json.loads(args.model_kwargs)}
+    tl = cfg.get("tiling") or {}
+    mags = [float(m) for m in tl.get("magnifications", [2.5, 10, 40])]
+    T = int(tl.get("tile_px", 224))
+    min_tissue = float(tl.get("min_tissue", 0.5))
+    B, n_local = int(tcfg["batch_parents"]), int(tcfg["n_local"])
+    nw = int(tcfg.get("num_workers") or 0)
+    torch.set_num_threads(args.threads)
+    print(f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cpus {os.cpu_count()}, "
+          f"torch {torch.__version__}, train threads {args.threads}", file=sys.stderr)
+
+    # ---- data -------------------------------------------------------------------------
+    tables = build_tables(Path(args.workdir), mags, T, min_tissue)
+    index = TileIndex(load_tables(tables))
+    aug = Augmenter(hed_jitter=float(tcfg["hed_jitter"]), color_jitter=float(tcfg["color_jitter"]),
+                    blur_prob=float(tcfg["blur_prob"]))
+    big = 10 ** 6
+    kw = dict(index=index, mode=mode, pairs=tcfg["pairs"], n_parents=B, n_local=n_local, seed=0,
+              total_steps=big, parent_view=bool(tcfg["parent_view"]))
+    ds_aug = MADBatchDataset(**kw, augmenter=aug)
+    ds_raw = MADBatchDataset(**kw, augmenter=Augmenter(enabled=False))
+    probe = ds_raw.batch_for_step(0)
+    V = int(probe["student"].shape[1])
+    n_img = B + B * V
+
+    # ---- model ------------------------------------------------------------------------
+    model = MADModel.from_config(mcfg, T)
+    K = int(model.student.head.n_prototypes)
+    loss_fn = DINOLoss(K, float(tcfg["student_temp"]), 0.04, float(tcfg["center_momentum"]),
+                       centering=str(tcfg.get("centering", "ema")))
+    opt = torch.optim.AdamW(_param_groups(model.student), lr=1e-4, weight_decay=0.04)
+    clip = float(tcfg.get("clip_grad") or 0.0)
+    g = torch.Generator().manual_seed(0)
+    tin = torch.randn(B, 3, T, T, generator=g)
+    sin = torch.randn(B, V, 3, T, T, generator=g)
+    model.student.train()
+    model.teacher.train()
+
+    def train_step():
+        with torch.no_grad():
+            t_out = model.teacher(tin)
+        s_out = model.student(sin.flatten(0, 1)).float().view(B, V, -1)
+        loss = loss_fn(s_out, t_out.float(), 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.student.parameters(), clip)
+        opt.step()
+        model.update_teacher(0.996)
+        return float(loss.detach())
+
+    raw_t, raw_s = ds_raw.raw_views(ds_raw.rows_for_step(0))
+    raw_all = torch.cat([raw_t, raw_s.reshape(-1, 3, T, T)])
+    load_threads = 1 if nw > 0 else args.threads
+
+    rows = {
+        "loader (augmented)": dict(threads=load_threads, fn=lambda s: ds_aug.batch_for_step(s)),
+        "loader (no augment)": dict(threads=load_threads, fn=lambda s: ds_raw.batch_for_step(s)),
+        "augment only": dict(threads=load_threads,
+                             fn=lambda s: aug(raw_all, np.random.default_rng([0, s, 0, 1]))),
+        "train step": dict(threads=args.threads, fn=lambda s: train_step()),
+    }
+    # warm-up (readers opened, allocator, first-call overheads)
+    for r in rows.values():
+        with Threads(r["threads"]):
+            r["fn"](1)
+    times = {k: [] for k in rows}
+    step = 100
+    for rep in range(args.repeats):
+        for name, r in rows.items():
+            with Threads(r["threads"]):
+                t0 = time.perf_counter()
+                for s in range(step, step + args.steps):
+                    r["fn"](s)
+                times[name].append((time.perf_counter() - t0) / args.steps)
+        step += args.steps  # fresh rows every repeat (no reader-cache replay)
+        print(f"# repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
+
+    kwargs = mcfg.get("kwargs") or {}
+    tab = pd.DataFrame([{
+        "measurement": name,
+        "threads": r["threads"],
+        "images/step": n_img,
+        "s/step (median)": statistics.median(times[name]),
+        "s/step (min)": min(times[name]),
+        "images/s": n_img / statistics.median(times[name]),
+    } for name, r in rows.items()])
+    train_rate = float(tab.loc[tab.measurement == "train step", "images/s"].iloc[0])
+    load_rate = float(tab.loc[tab.measurement == "loader (augmented)", "images/s"].iloc[0])
+    supply = load_rate * max(nw, 1)
+    ratio = supply / train_rate
+    print(f"model {mcfg['arch']} {json.dumps(kwargs)} @ {T}px, head {mcfg.get('head')}; "
+          f"batch {B} parents x {V} student views + teacher = {n_img} images/step; mode {mode}")
+    print(pd.DataFrame(tab).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"num_workers = {nw}: loader supply {supply:.1f} images/s "
+          f"({load_rate:.1f} x {max(nw, 1)} process(es)); training consumes {train_rate:.1f} images/s")
+    print(f"ratio loader/training = {ratio:.2f}  (required >= 2: {'PASS' if ratio >= 2 else 'FAIL'})")
+    if nw == 0:
+        print("note: num_workers = 0 loads in the training process, serially with the step; "
+              "the ratio is then only indicative")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"table": tab.to_dict("records"), "num_workers": nw,
+                                               "ratio": ratio, "model_kwargs": kwargs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
