@@ -367,6 +367,7 @@ class Augmenter:
     blur_prob: float = 0.1
     blur_sigma: tuple = (0.1, 1.0)
     enabled: bool = True
+    tile_norm: bool = False
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     _hed: torch.Tensor = field(default=None, init=False, repr=False)
@@ -386,6 +387,8 @@ class Augmenter:
         return ms
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tile_norm:
+            return tile_standardise(x)
         mean, std = self._mean_std(x.dtype)
         return (x - mean) / std
 
@@ -479,8 +482,19 @@ class Augmenter:
             t = F.pad(x[idx].reshape(1, 3 * len(sel), H, W), (1, 1, 1, 1), mode="reflect")
             x[idx] = F.conv2d(t, k2, groups=3 * len(sel)).view(len(sel), 3, H, W)
 
+        if self.tile_norm:
+            return tile_standardise(x)
         mean, std = self._mean_std(dt)
         return x.sub_(mean).div_(std)
+
+
+def tile_standardise(x: torch.Tensor) -> torch.Tensor:
+    """Per-tile, per-channel standardisation of [N, 3, T, T] images: removes each tile's
+    colour mean and spread (slide stain, and the colour-statistics shortcut), leaving
+    structure. The same function serves training and embedding (encoder meta `tile_norm`)."""
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    std = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-2)
+    return (x - mean) / std
 
 
 def _default_reader_factory(path: str):

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from madflow.data import IMAGENET_MEAN, IMAGENET_STD
+from madflow.data import IMAGENET_MEAN, IMAGENET_STD, tile_standardise
 from madflow.model import build_backbone, load_encoder
 from madflow.slides import SlideReader, mag_str
 from madflow.tiling import write_atomic
@@ -34,9 +34,11 @@ def build_encoder(settings: dict, model_cfg: dict, encoder_path: str | None, til
         backbone = build_backbone(settings["arch"], settings.get("kwargs") or {}, settings.get("checkpoint"), tile_px)
         backbone.eval()
         name = f"external:{settings['arch']}" + (f" ({settings['checkpoint']})" if settings.get("checkpoint") else "")
+        tile_norm = bool(settings.get("tile_norm", False))
     else:
         backbone, meta = load_encoder(encoder_path)
         name = f"{meta.get('arch')} teacher backbone ({mode}, seed {meta.get('seed')})"
+        tile_norm = bool(meta.get("tile_norm", False))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone.to(device)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
@@ -45,7 +47,7 @@ def build_encoder(settings: dict, model_cfg: dict, encoder_path: str | None, til
     @torch.inference_mode()
     def forward(pixels: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float().div_(255)
-        x = (x - mean) / std
+        x = tile_standardise(x) if tile_norm else (x - mean) / std
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             feats = backbone(x)
         return feats.float().cpu().numpy()

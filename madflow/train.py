@@ -178,7 +178,7 @@ def _param_groups(module: torch.nn.Module):
 
 
 def _encoder_meta(mcfg: dict, img_size: int, experiment_name: str | None, mode: str, seed: int,
-                  steps_done: int, backbone) -> dict:
+                  steps_done: int, backbone, tile_norm: bool = False) -> dict:
     return {
         "arch": mcfg["arch"],
         "kwargs": dict(mcfg.get("kwargs") or {}),
@@ -191,6 +191,8 @@ def _encoder_meta(mcfg: dict, img_size: int, experiment_name: str | None, mode: 
         "which": "teacher_backbone",
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
+        # input normalisation the embed step must reproduce (madflow.data.tile_standardise)
+        "tile_norm": bool(tile_norm),
     }
 
 
@@ -239,7 +241,8 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
         model = MADModel.from_config(mcfg, img_size)
         if is_main:
             save_encoder(enc_path, model.teacher.backbone,
-                         _encoder_meta(mcfg, img_size, experiment_name, mode, seed, 0, model.teacher.backbone))
+                         _encoder_meta(mcfg, img_size, experiment_name, mode, seed, 0, model.teacher.backbone,
+                                       bool(tcfg.get("tile_norm", False))))
             _write_log_header(log_path)
         log.info("mode random_init: saved the untrained teacher backbone to %s", enc_path)
         _finish_dist(world)
@@ -311,7 +314,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
         index, mode, tcfg["pairs"], B, n_local, seed, total, start_step=start, rank=rank,
         parent_view=bool(tcfg["parent_view"]),
         augmenter=Augmenter(hed_jitter=float(tcfg["hed_jitter"]), color_jitter=float(tcfg["color_jitter"]),
-                            blur_prob=float(tcfg["blur_prob"])),
+                            blur_prob=float(tcfg["blur_prob"]), tile_norm=bool(tcfg.get("tile_norm", False))),
         reader_factory=reader_factory)
     nw = int(tcfg.get("num_workers") or 0)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
@@ -439,7 +442,8 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
     save_ckpt(done)
     if is_main:
         save_encoder(enc_path, model.teacher.backbone,
-                     _encoder_meta(mcfg, img_size, experiment_name, mode, seed, done, model.teacher.backbone))
+                     _encoder_meta(mcfg, img_size, experiment_name, mode, seed, done, model.teacher.backbone,
+                                   bool(tcfg.get("tile_norm", False))))
         reason = _collapse_reason(last, K, min_protos) if last else None
         if reason:
             log.warning("training ended looking collapsed: %s", reason)
