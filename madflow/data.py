@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
+from madflow.slides import mag_str
+
 __all__ = [
     "NETWORK_MODES",
     "parse_pair",
-    "fmt_mag",
     "TileIndex",
     "sample_batch",
     "choose_group",
@@ -56,16 +57,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ---------------------------------------------------------------------------------------
 # magnifications and pairs
 # ---------------------------------------------------------------------------------------
-def fmt_mag(m: float) -> str:
-    try:
-        from madflow.slides import mag_str  # the project's canonical formatter
-
-        return mag_str(m)
-    except Exception:  # noqa: BLE001 - slides module may be absent in isolated tests
-        m = float(m)
-        return str(int(m)) if m == int(m) else f"{m:g}"
-
-
 def parse_pair(pair: str) -> tuple[float, ...]:
     """``"2.5->10"`` -> (2.5, 10.0); ``"2.5->10->40"`` -> (2.5, 10.0, 40.0)."""
     parts = [p.strip() for p in re.split(r"->", str(pair))]
@@ -79,7 +70,7 @@ def parse_pair(pair: str) -> tuple[float, ...]:
 
 
 def pair_label(mags: Sequence[float]) -> str:
-    return "->".join(fmt_mag(m) for m in mags)
+    return "->".join(mag_str(m) for m in mags)
 
 
 def load_tables(paths: Iterable[str]) -> pd.DataFrame:
@@ -141,7 +132,7 @@ class TileIndex:
         for m in self.mags:
             if math.isclose(m, mag, rel_tol=1e-6):
                 return m
-        raise ValueError(f"magnification {fmt_mag(mag)} not in the tissue tiles (have {[fmt_mag(m) for m in self.mags]})")
+        raise ValueError(f"magnification {mag_str(mag)} not in the tissue tiles (have {[mag_str(m) for m in self.mags]})")
 
     def _key_cols(self, depth: int) -> list[str]:
         return ["slide_id", "i", "j"] + list(_KEY_COLS[:depth])
@@ -157,7 +148,7 @@ class TileIndex:
             return self._desc[key]
         da, db = self.depth[a], self.depth[b]
         if db <= da:
-            raise ValueError(f"{fmt_mag(b)} is not finer than {fmt_mag(a)} in the tile hierarchy")
+            raise ValueError(f"{mag_str(b)} is not finer than {mag_str(a)} in the tile hierarchy")
         cols = self._key_cols(da)
         pa = self.df.iloc[self._rows_by_mag[a]][cols].copy()
         pa["_prow"] = self._rows_by_mag[a]
@@ -201,8 +192,8 @@ class TileIndex:
             rels.append((parents, ptr, rows))
         if keep is None or len(keep) == 0:
             raise ValueError(
-                f"no parent at {fmt_mag(chain[0])}x has >= {n_local} tissue descendants at "
-                f"{', '.join(fmt_mag(b) for b in chain[1:])}x in the training tiles")
+                f"no parent at {mag_str(chain[0])}x has >= {n_local} tissue descendants at "
+                f"{', '.join(mag_str(b) for b in chain[1:])}x in the training tiles")
         out = []
         for parents, ptr, rows in rels:
             pos = np.searchsorted(parents, keep)
@@ -242,7 +233,7 @@ def group_weights(mode: str, pairs: dict, chain: Sequence[float] | None = None) 
         for k, v in w.items():
             ms = parse_pair(k)
             for m in ms:
-                out[fmt_mag(m)] = out.get(fmt_mag(m), 0.0) + v / len(ms)
+                out[mag_str(m)] = out.get(mag_str(m), 0.0) + v / len(ms)
         return out
     if mode == "tri":
         if chain is None:

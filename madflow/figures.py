@@ -33,6 +33,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import ListedColormap, to_hex  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+
+from madflow.slides import mag_str  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 __all__ = [
@@ -63,8 +65,9 @@ def _style():
 
 
 def _mag_str(m) -> str:
+    """mag_str for labels that may already be strings such as "global"."""
     try:
-        return f"{float(m):g}"
+        return mag_str(m)
     except (TypeError, ValueError):
         return str(m)
 

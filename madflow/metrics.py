@@ -39,6 +39,8 @@ from sklearn.model_selection import GroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from madflow.slides import mag_str
+
 __all__ = [
     "METRIC_COLUMNS", "TIDY_COLUMNS", "DEFAULT_CS", "mag_str", "pair_str", "slide_split",
     "evaluate", "tidy", "balanced_accuracy_from_confusion", "macro_f1_from_confusion",
@@ -53,11 +55,6 @@ _KEY_COLS = ("i", "j", "k", "m")
 
 
 # ----------------------------------------------------------------------------- formatting
-def mag_str(m: float) -> str:
-    """``2.5 -> "2.5"``, ``10.0 -> "10"`` (same rule as ``madflow.slides.mag_str``)."""
-    return f"{float(m):g}"
-
-
 def pair_str(a: float, b: float) -> str:
     return f"{mag_str(a)}->{mag_str(b)}"
 

@@ -125,9 +125,19 @@ def open_slide(path) -> openslide.OpenSlide:
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideError(f"{path}: not a slide format OpenSlide can read") from None
+        raise SlideError(f"{path}: {_why_unreadable(path)}") from None
     except openslide.OpenSlideError as err:
         raise SlideError(f"{path}: OpenSlide cannot open it ({err})") from None
+
+
+def _why_unreadable(path: Path) -> str:
+    """A TIFF header on a file OpenSlide rejects almost always means a cut-off copy."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return (f"truncated or corrupt TIFF ({path.stat().st_size} bytes): it has a TIFF header "
+                "but its directory or image data cannot be read")
+    return "not a slide format OpenSlide can read"
 
 
 class SlideReader:

@@ -15,7 +15,9 @@ EXPERIMENTS = list(config["experiments"])
 SEEDS = [int(s) for s in config["train"]["seeds"]]
 STUDY_SEEDS = [int(s) for s in config["study"]["seeds"]]
 # experiments without a network to train: their "encoder" is built directly
-UNTRAINED_MODES = {"random_init", "color_stats"}
+UNTRAINED_MODES = {"random_init", "color_stats", "external"}
+# ... and those that need no pretrain job at all (the embed step builds them)
+NO_PRETRAIN_MODES = {"color_stats", "external"}
 
 
 wildcard_constraints:
@@ -53,9 +55,8 @@ def tile_qc(wildcards):
 
 
 def experiment_settings(name):
-    """Experiment = the shared train config with the experiment's switches on top."""
-    settings = {"mode": "mad", **config["train"], **config["experiments"][name]}
-    return settings
+    """An experiment's own switches (training merges them over `train:` itself)."""
+    return {"mode": "mad", **config["experiments"][name]}
 
 
 def embeddings(wildcards):
@@ -66,7 +67,7 @@ def embeddings(wildcards):
 
 
 def encoder_input(wildcards):
-    if experiment_settings(wildcards.experiment)["mode"] == "color_stats":
+    if experiment_settings(wildcards.experiment)["mode"] in NO_PRETRAIN_MODES:
         return []
     return f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/encoder.pt"
 

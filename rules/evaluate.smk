@@ -9,16 +9,16 @@ rule evaluate:
         predictions=f"{RESULTS}/{{experiment}}/seed{{seed}}/predictions.parquet",
         pca=f"{RESULTS}/{{experiment}}/seed{{seed}}/pca.parquet",
         delta_hier=f"{RESULTS}/{{experiment}}/seed{{seed}}/delta_hier.parquet",
+    log:
+        f"{RESULTS}/logs/evaluate/{{experiment}}_seed{{seed}}.log",
+    conda:
+        "../envs/madflow.yaml"
+    threads: 2
     params:
         mags=MAGS,
         evaluate=config["evaluate"],
         min_purity=config["tiling"]["min_purity"],
         seed=config["seed"],
-    threads: 2
-    log:
-        f"{RESULTS}/logs/evaluate/{{experiment}}_seed{{seed}}.log",
-    conda:
-        "../envs/madflow.yaml"
     script:
         "../workflow_scripts/evaluate.py"
 

@@ -1,12 +1,12 @@
 rule experiment_config:
     output:
         config=f"{RESULTS}/{{experiment}}/config.json",
-    params:
-        config=config,
     log:
         f"{RESULTS}/logs/experiment_config/{{experiment}}.log",
     conda:
         "../envs/madflow.yaml"
+    params:
+        config=config,
     script:
         "../workflow_scripts/provenance.py"
 
@@ -18,18 +18,18 @@ rule pretrain:
     output:
         encoder=f"{RESULTS}/{{experiment}}/seed{{seed}}/encoder.pt",
         train_log=f"{RESULTS}/{{experiment}}/seed{{seed}}/train_log.tsv",
-    params:
-        launcher=pretrain_launcher,
-        # checkpoints live beside, not as declared outputs: Snakemake deletes declared
-        # outputs of a killed job, and a rerun must resume from them
-        out_dir=lambda wildcards, output: str(Path(output.encoder).parent),
-    threads: 2
     log:
         f"{RESULTS}/logs/pretrain/{{experiment}}_seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/{{experiment}}_seed{{seed}}.tsv"
     conda:
         "../envs/madflow.yaml"
+    threads: 2
+    params:
+        launcher=pretrain_launcher,
+        # checkpoints live beside, not as declared outputs: Snakemake deletes declared
+        # outputs of a killed job, and a rerun must resume from them
+        out_dir=lambda wildcards, output: str(Path(output.encoder).parent),
     shell:
         "{params.launcher} -m madflow.train --config {input.config}"
         " --experiment {wildcards.experiment} --tables {input.tables}"
@@ -43,17 +43,17 @@ rule embed:
         encoder=encoder_input,
     output:
         embeddings=f"{RESULTS}/{{experiment}}/seed{{seed}}/embeddings/{{slide_id}}.h5",
-    params:
-        settings=lambda wildcards: experiment_settings(wildcards.experiment),
-        model=config["model"],
-        tile_px=config["tiling"]["tile_px"],
-        batch_size=config["embed"]["batch_size"],
-    threads: 1
     log:
         f"{RESULTS}/logs/embed/{{experiment}}_seed{{seed}}_{{slide_id}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/embed/{{experiment}}_seed{{seed}}_{{slide_id}}.tsv"
     conda:
         "../envs/madflow.yaml"
+    threads: 1
+    params:
+        settings=lambda wildcards: experiment_settings(wildcards.experiment),
+        model=config["model"],
+        tile_px=config["tiling"]["tile_px"],
+        batch_size=config["embed"]["batch_size"],
     script:
         "../workflow_scripts/embed.py"

@@ -26,7 +26,10 @@ rule figures:
     input:
         summary=f"{RESULTS}/summary.tsv",
         metrics=expand(f"{RESULTS}/{{experiment}}/metrics.tsv", experiment=EXPERIMENTS),
-        pca=expand(f"{RESULTS}/{{experiment}}/seed{SEEDS[0]}/pca.parquet", experiment=EXPERIMENTS),
+        pca=expand(
+            f"{RESULTS}/{{experiment}}/seed{SEEDS[0]}/pca.parquet",
+            experiment=EXPERIMENTS,
+        ),
         predictions=expand(
             f"{RESULTS}/{{experiment}}/seed{SEEDS[0]}/predictions.parquet",
             experiment=EXPERIMENTS,
@@ -47,15 +50,15 @@ rule figures:
             caption="../report/figures.rst",
             category="Figures",
         ),
+    log:
+        f"{RESULTS}/logs/figures.log",
+    conda:
+        "../envs/madflow.yaml"
     params:
         experiments=EXPERIMENTS,
         seed=SEEDS[0],
         train_logs=train_logs,
         mags=MAGS,
-    log:
-        f"{RESULTS}/logs/figures.log",
-    conda:
-        "../envs/madflow.yaml"
     script:
         "../workflow_scripts/figures.py"
 
@@ -66,10 +69,12 @@ rule report:
         f"{RESULTS}/figures/figures.done",
     output:
         html=f"{RESULTS}/report.html",
+    params:
+        snakefile=workflow.main_snakefile,
+        config=config,
     log:
         f"{RESULTS}/logs/report.log",
     conda:
         "../envs/madflow.yaml"
-    shell:
-        # the report is Snakemake's own (--report); --nolock lets it run inside this job
-        "snakemake --nolock --report {output.html} > {log} 2>&1"
+    script:
+        "../workflow_scripts/report.py"

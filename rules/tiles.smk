@@ -1,14 +1,14 @@
 rule demo_slides:
     output:
         manifest=f"{RESULTS}/demo/manifest.tsv",
-    params:
-        demo=config["demo"],
-        seed=config["seed"],
-    threads: 2
     log:
         f"{RESULTS}/logs/demo_slides.log",
     conda:
         "../envs/madflow.yaml"
+    threads: 2
+    params:
+        demo=config["demo"],
+        seed=config["seed"],
     script:
         "../workflow_scripts/demo_slides.py"
 
@@ -19,16 +19,16 @@ checkpoint manifest:
     output:
         manifest=f"{RESULTS}/manifest.tsv",
         rejected=f"{RESULTS}/manifest_rejected.tsv",
+    log:
+        f"{RESULTS}/logs/manifest.log",
+    conda:
+        "../envs/madflow.yaml"
     params:
         mags=MAGS,
         tile_px=config["tiling"]["tile_px"],
         bad_slides=config["bad_slides"],
         test_frac=config["test_frac"],
         seed=config["seed"],
-    log:
-        f"{RESULTS}/logs/manifest.log",
-    conda:
-        "../envs/madflow.yaml"
     script:
         "../workflow_scripts/manifest.py"
 
@@ -43,15 +43,15 @@ rule tile:
             f"{RESULTS}/tiles/coords/{{mag}}x/{{{{slide_id}}}}.h5",
             mag=[mag_str(m) for m in MAGS],
         ),
-    params:
-        mags=MAGS,
-        tile_px=config["tiling"]["tile_px"],
-        min_tissue=config["tiling"]["min_tissue"],
     log:
         f"{RESULTS}/logs/tile/{{slide_id}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/tile/{{slide_id}}.tsv"
     conda:
         "../envs/madflow.yaml"
+    params:
+        mags=MAGS,
+        tile_px=config["tiling"]["tile_px"],
+        min_tissue=config["tiling"]["min_tissue"],
     script:
         "../workflow_scripts/tile.py"

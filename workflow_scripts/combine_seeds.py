@@ -1,13 +1,13 @@
 """One experiment's tidy table over its seeds, and a JSON summary (mean, sd, n)."""
 
 import json
-import logging
 
 import pandas as pd
 
+from madflow.runlog import setup
 from madflow.tiling import write_atomic
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
+log = setup(snakemake.log[0])
 table = pd.concat([pd.read_csv(p, sep="\t", keep_default_na=False, na_values=[""]) for p in snakemake.input.metrics])
 stats = table.groupby(["metric", "scope"])["value"].agg(["mean", "std", "count"]).reset_index()
 summary = {
@@ -16,4 +16,4 @@ summary = {
 }
 write_atomic(snakemake.output.summary, lambda t: open(t, "w").write(json.dumps(summary, indent=2)))
 write_atomic(snakemake.output.metrics, lambda t: table.to_csv(t, sep="\t", index=False))
-logging.info("%d rows from %d seed(s)", len(table), table["seed"].nunique())
+log.info("%d rows from %d seed(s)", len(table), table["seed"].nunique())

@@ -1,11 +1,11 @@
 """Generate the embedded synthetic demo slides and their manifest."""
 
-import logging
 from pathlib import Path
 
+from madflow.runlog import setup
 from madflow.synth import make_demo
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
+log = setup(snakemake.log[0])
 demo = snakemake.params.demo
 out = make_demo(
     Path(snakemake.output.manifest).parent,
@@ -15,4 +15,4 @@ out = make_demo(
     n_test=demo["n_test"],
     workers=snakemake.threads,
 )
-logging.info("wrote %s", out)
+log.info("wrote %s", out)

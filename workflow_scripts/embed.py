@@ -1,12 +1,12 @@
 """Embed every tissue tile of one slide with one experiment's encoder."""
 
-import logging
 
 from madflow.embed import build_encoder, embed_slide
+from madflow.runlog import setup
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
+log = setup(snakemake.log[0])
 p = snakemake.params
 encoder_path = snakemake.input.encoder if snakemake.input.encoder else None
 encode, name = build_encoder(p.settings, p.model, encoder_path, p.tile_px)
-logging.info("encoder: %s", name)
+log.info("encoder: %s", name)
 embed_slide(snakemake.input.table, encode, name, snakemake.output.embeddings, p.batch_size)

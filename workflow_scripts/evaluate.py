@@ -1,21 +1,20 @@
 """Every SPEC section 8 metric for one experiment and seed."""
 
 import json
-import logging
 
 import numpy as np
 import pandas as pd
 
 from madflow.embed import load_embeddings
 from madflow.metrics import evaluate, tidy
-from madflow.tiling import write_atomic
+from madflow.runlog import setup
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
+log = setup(snakemake.log[0])
 p = snakemake.params
 manifest = pd.read_csv(snakemake.input.manifest, sep="\t", dtype={"slide_id": str}, keep_default_na=False)
 tiles, X = load_embeddings(snakemake.input.embeddings, snakemake.input.tables)
 tiles["split"] = tiles["slide_id"].map(manifest.set_index("slide_id")["split"])
-logging.info("%d embedded tiles, %d slides, dim %d", len(tiles), tiles["slide_id"].nunique(), X.shape[1])
+log.info("%d embedded tiles, %d slides, dim %d", len(tiles), tiles["slide_id"].nunique(), X.shape[1])
 ev = p.evaluate
 metrics, artifacts = evaluate(
     tiles,
@@ -27,13 +26,14 @@ metrics, artifacts = evaluate(
     seed=p.seed,
 )
 import h5py  # noqa: E402  (only for the encoder's name)
+from madflow.tiling import write_atomic
 
 with h5py.File(snakemake.input.embeddings[0], "r") as h5:
     encoder = str(h5.attrs["encoder"])
 table = tidy(metrics, snakemake.wildcards.experiment, encoder)
 table.insert(2, "seed", int(snakemake.wildcards.seed))
 for row in table.itertuples():
-    logging.info("%s %s = %.4f [%.4f, %.4f] %s", row.metric, row.scope, row.value, row.ci_low, row.ci_high, row.note)
+    log.info("%s %s = %.4f [%.4f, %.4f] %s", row.metric, row.scope, row.value, row.ci_low, row.ci_high, row.note)
 summary = {
     "experiment": snakemake.wildcards.experiment,
     "seed": int(snakemake.wildcards.seed),

@@ -1,13 +1,13 @@
 """Every figure of SPEC section 10, from the tidy tables and evaluation artifacts."""
 
-import logging
 from pathlib import Path
 
 import pandas as pd
 
 from madflow import figures as fig
+from madflow.runlog import setup
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
+log = setup(snakemake.log[0])
 inp, p = snakemake.input, snakemake.params
 out = Path(snakemake.output.figures)
 out.mkdir(parents=True, exist_ok=True)
@@ -40,5 +40,5 @@ for exp, pca, pred in zip(p.experiments, inp.pca, inp.predictions):
         slide = tiles[tiles["slide_id"].astype(str) == test_slides[0]]
         written += fig.segmentation_maps(pd.read_parquet(pred), slide, test_slides[0], out / f"segmentation_{exp}")
 for path in written:
-    logging.info("wrote %s", path)
+    log.info("wrote %s", path)
 Path(snakemake.output.done).write_text("\n".join(written) + "\n")

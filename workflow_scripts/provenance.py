@@ -1,13 +1,13 @@
 """Record what produced an experiment's results: resolved config, git commit, versions."""
 
 import json
-import logging
 from datetime import datetime, timezone
 
 from madflow.provenance import provenance
+from madflow.runlog import setup
 from madflow.tiling import write_atomic
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
+log = setup(snakemake.log[0])
 record = {
     "experiment": snakemake.wildcards.experiment,
     "config": snakemake.params.config,
@@ -15,4 +15,4 @@ record = {
     "written": datetime.now(timezone.utc).isoformat(),
 }
 write_atomic(snakemake.output.config, lambda t: open(t, "w").write(json.dumps(record, indent=2, default=str)))
-logging.info("commit %s", record["git_commit"])
+log.info("commit %s", record["git_commit"])

@@ -1,14 +1,13 @@
 """Cross-experiment comparison table (mean and sd over seeds)."""
 
-import logging
-
 import pandas as pd
 
 from madflow.figures import summary_table
+from madflow.runlog import setup
 from madflow.tiling import write_atomic
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
+log = setup(snakemake.log[0])
 tables = [pd.read_csv(p, sep="\t", keep_default_na=False, na_values=[""]) for p in snakemake.input.metrics]
 summary = summary_table(tables)
 write_atomic(snakemake.output.summary, lambda t: summary.to_csv(t, sep="\t", index=False))
-logging.info("\n%s", summary.to_string())
+log.info("\n%s", summary.to_string())

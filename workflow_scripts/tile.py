@@ -1,13 +1,12 @@
 """Tile one slide: tile table (Parquet), CLAM/TRIDENT coords per magnification, QC image."""
 
-import logging
-
 import pandas as pd
 
+from madflow.runlog import setup
 from madflow.slides import mag_str
 from madflow.tiling import qc_image, tile_slide, write_atomic, write_coords_h5
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
+log = setup(snakemake.log[0])
 p = snakemake.params
 manifest = pd.read_csv(snakemake.input.manifest, sep="\t", dtype={"slide_id": str}, keep_default_na=False)
 slide = manifest.set_index("slide_id").loc[snakemake.wildcards.slide_id].to_dict()
@@ -16,6 +15,6 @@ grid, thumb, thumb_ds, mask = tile_slide(slide, p.mags, p.tile_px, p.min_tissue)
 for mag, path in zip(p.mags, snakemake.output.coords):
     write_coords_h5(grid, mag, path)  # empty coords, attr lacking=True, where the slide lacks mag
 for mag, n in grid[grid["tissue"]].groupby("mag").size().items():
-    logging.info("%sx: %d tissue tiles of %d", mag_str(mag), n, int((grid["mag"] == mag).sum()))
+    log.info("%sx: %d tissue tiles of %d", mag_str(mag), n, int((grid["mag"] == mag).sum()))
 write_atomic(snakemake.output.qc, lambda t: qc_image(thumb, thumb_ds, mask, grid).save(t, format="PNG"))
 write_atomic(snakemake.output.table, lambda t: grid.to_parquet(t, index=False))
