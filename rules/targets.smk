@@ -63,18 +63,38 @@ rule figures:
         "../workflow_scripts/figures.py"
 
 
+rule benchmark_table:
+    input:
+        summary=f"{RESULTS}/summary.tsv",
+    output:
+        table=report(
+            f"{RESULTS}/benchmarks/summary.tsv",
+            caption="../report/benchmarks.rst",
+            category="0. Summary",
+        ),
+    log:
+        f"{RESULTS}/logs/benchmark_table.log",
+    conda:
+        "../envs/madflow.yaml"
+    params:
+        folder=lambda wildcards, output: str(Path(output.table).parent),
+    script:
+        "../workflow_scripts/benchmark_table.py"
+
+
 rule report:
     input:
         f"{RESULTS}/summary.tsv",
         f"{RESULTS}/figures/figures.done",
+        f"{RESULTS}/benchmarks/summary.tsv",
     output:
         html=f"{RESULTS}/report.html",
-    params:
-        snakefile=workflow.main_snakefile,
-        config=config,
     log:
         f"{RESULTS}/logs/report.log",
     conda:
         "../envs/madflow.yaml"
+    params:
+        snakefile=workflow.main_snakefile,
+        config=config,
     script:
         "../workflow_scripts/report.py"
