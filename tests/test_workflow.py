@@ -73,9 +73,10 @@ def test_whole_chain_end_to_end(workdir):
     assert sorted(summary["experiment"]) == sorted(experiments)
     for exp in experiments:
         metrics = pd.read_csv(res / exp / "metrics.tsv", sep="\t")
-        assert list(metrics.columns[:8]) == [
-            "experiment", "encoder", "seed", "metric", "scope", "value", "ci_low", "ci_high"
+        assert list(metrics.columns[:7]) == [
+            "experiment", "encoder", "metric", "scope", "value", "ci_low", "ci_high"
         ]
+        assert {"seed", "note"} <= set(metrics.columns)
         got = set(zip(metrics["metric"], metrics["scope"]))
         pairs = [f"{a}->{b}" for a in MAGS for b in MAGS]
         expected = {("probe_ba", p) for p in pairs} | {("retention_cc", p) for p in pairs}

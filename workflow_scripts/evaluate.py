@@ -31,7 +31,7 @@ from madflow.tiling import write_atomic
 with h5py.File(snakemake.input.embeddings[0], "r") as h5:
     encoder = str(h5.attrs["encoder"])
 table = tidy(metrics, snakemake.wildcards.experiment, encoder)
-table.insert(2, "seed", int(snakemake.wildcards.seed))
+table["seed"] = int(snakemake.wildcards.seed)  # after the SPEC columns: several seeds, one table
 for row in table.itertuples():
     log.info("%s %s = %.4f [%.4f, %.4f] %s", row.metric, row.scope, row.value, row.ci_low, row.ci_high, row.note)
 summary = {
