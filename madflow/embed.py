@@ -12,9 +12,9 @@ import torch
 from tqdm import tqdm
 
 from madflow.data import IMAGENET_MEAN, IMAGENET_STD, tile_standardise
+from madflow.io import write_atomic
 from madflow.model import build_backbone, load_encoder
 from madflow.slides import SlideReader, mag_str
-from madflow.tiling import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -34,6 +33,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.colors import ListedColormap, to_hex  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from madflow.io import write_atomic  # noqa: E402
 from madflow.slides import mag_str  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
@@ -134,14 +134,7 @@ def save_figure(fig, out) -> list[str]:
     try:
         for ext in ("png", "pdf"):
             final = base.parent / f"{base.name}.{ext}"
-            # hidden sibling temp name (created by savefig with the default permissions)
-            tmp = str(base.parent / f".{base.name}.{uuid.uuid4().hex}.tmp.{ext}")
-            try:
-                fig.savefig(tmp, format=ext, bbox_inches="tight")
-                os.replace(tmp, final)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            write_atomic(final, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, bbox_inches="tight"))
             paths.append(str(final))
     finally:
         plt.close(fig)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import tempfile
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from madflow.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -215,21 +216,8 @@ class MADModel(nn.Module):
 # encoder file for the embed step
 # ---------------------------------------------------------------------------------------
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same directory, then os.replace."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save, atomically (madflow.io.write_atomic)."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_encoder(path: str, backbone: nn.Module | None, meta: dict) -> None:

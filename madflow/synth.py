@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from madflow.io import write_atomic
+
 CLASSES: list[str] = ["tumor", "stroma", "lymphoid", "necrosis"]
 CLASS_COLORS = {"tumor": [200, 0, 0], "stroma": [150, 200, 150], "lymphoid": [160, 90, 160],
                 "necrosis": [50, 50, 50]}
@@ -627,8 +629,8 @@ def write_pyramid(path, image: np.ndarray, *, objective_power=40, mpp=0.25, leve
         extra = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
     else:
         extra = {}
-    tmp = _atomic_path(path)
-    try:
+    def write(tmp):
+        nonlocal extra
         with tifffile.TiffWriter(tmp) as tif:
             level = image
             for n in range(levels):
@@ -641,19 +643,8 @@ def write_pyramid(path, image: np.ndarray, *, objective_power=40, mpp=0.25, leve
                     elif mpp:
                         extra = dict(resolution=(1e4 / mpp / 4 ** n,) * 2, resolutionunit="CENTIMETER")
                 tif.write(level, subfiletype=1 if n and not objective_power else 0, **_TIFF_KW, **extra)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
-
-def _atomic_path(path: Path):
-    """A temp file beside `path` (same filesystem, for os.replace) with umask permissions."""
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    return Path(tmp)
+    write_atomic(path, write)
 
 
 def _write_svs(P: _Slide, lut, path: Path, cache=None):
@@ -685,9 +676,9 @@ def _write_svs(P: _Slide, lut, path: Path, cache=None):
             for tx in range(0, S, TILE):
                 yield band[:, tx:tx + TILE]
 
-    tmp = _atomic_path(path)
     kw = _TIFF_KW
-    try:
+
+    def write(tmp):
         with tifffile.TiffWriter(tmp, bigtiff=S > 32768) as tif:
             tif.write(tiles(), shape=(S, S, 3), dtype=np.uint8,
                       description=_description(S, path.stem), **kw)
@@ -695,10 +686,10 @@ def _write_svs(P: _Slide, lut, path: Path, cache=None):
                 lvl1.flush()
             tif.write(lvl1, description=f"Aperio Image Library {s1}x{s1} -> level 1", **kw)
             tif.write(lvl2, description=f"Aperio Image Library {s2}x{s2} -> level 2", **kw)
-        os.replace(tmp, path)
+
+    try:
+        write_atomic(path, write)
     finally:
-        if tmp.exists():
-            tmp.unlink()
         del lvl1
         for f in tmpdir_files:
             os.unlink(f)
@@ -736,13 +727,8 @@ def _write_geojson(P: _Slide, path: Path):
                       "properties": {"objectType": "annotation",
                                      "classification": {"name": name,
                                                         "color": CLASS_COLORS[name]}}})
-    tmp = _atomic_path(path)
-    try:
-        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    text = json.dumps({"type": "FeatureCollection", "features": feats})
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # --------------------------------------------------------------------------- public API
@@ -819,13 +805,7 @@ def make_demo(outdir, n_slides: int, size: int, seed: int, n_test: int, *,
         sid = f"slide_{k:02d}"
         rows.append(f"{sid}\t{sid}.svs\t{sid}.geojson\t{'test' if k in test else 'train'}")
     man = outdir / "manifest.tsv"
-    tmp = _atomic_path(man)
-    try:
-        tmp.write_text("\n".join(rows) + "\n")
-        os.replace(tmp, man)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(man, lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n"))
     return man
 
 

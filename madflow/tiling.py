@@ -8,15 +8,12 @@ averaged up the hierarchy, so a parent's value is exactly the mean of its childr
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from madflow import labels as labels_mod
+from madflow.io import write_atomic
 from madflow.slides import SlideReader, choose_levels, footprint_size, mag_str
 
 INDEX_COLUMNS = ["i", "j", "k", "m"]  # grid index per depth: (i, j), then k, then m
@@ -163,20 +160,6 @@ def tile_slide(slide: dict, mags, tile_px: int, min_tissue: float):
             grid["label_purity"] = purity.astype(np.float32)
     grid["path"] = str(slide["path"])
     return grid, thumb, thumb_ds, mask
-
-
-def write_atomic(path, write) -> None:
-    """Call write(tmp_path) then rename over `path`, so a killed job leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_coords_h5(grid: pd.DataFrame, mag: float, path) -> None:

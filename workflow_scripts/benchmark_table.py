@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from madflow.io import write_atomic
 from madflow.runlog import setup
-from madflow.tiling import write_atomic
 
 log = setup(snakemake.log[0])
 rows = []

@@ -1,11 +1,14 @@
 """Every SPEC section 8 metric for one experiment and seed."""
 
 import json
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 
 from madflow.embed import load_embeddings
+from madflow.io import write_atomic
 from madflow.metrics import evaluate, tidy
 from madflow.runlog import setup
 
@@ -25,9 +28,6 @@ metrics, artifacts = evaluate(
     cv_folds=ev["cv_folds"],
     seed=p.seed,
 )
-import h5py  # noqa: E402  (only for the encoder's name)
-from madflow.tiling import write_atomic
-
 with h5py.File(snakemake.input.embeddings[0], "r") as h5:
     encoder = str(h5.attrs["encoder"])
 table = tidy(metrics, snakemake.wildcards.experiment, encoder)
@@ -44,7 +44,7 @@ summary = {
     "probe_C": artifacts.get("probe_C"),
     "metrics": {f"{r.metric}[{r.scope}]": (None if np.isnan(r.value) else r.value) for r in table.itertuples()},
 }
-write_atomic(snakemake.output.summary, lambda t: open(t, "w").write(json.dumps(summary, indent=2, default=str)))
+write_atomic(snakemake.output.summary, lambda t: Path(t).write_text(json.dumps(summary, indent=2, default=str)))
 for name in ("predictions", "pca", "delta_hier"):
     frame = artifacts.get(name)
     frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame()

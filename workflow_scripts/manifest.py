@@ -2,9 +2,9 @@
 
 import sys
 
+from madflow.io import write_atomic
 from madflow.manifest import ManifestError, check_manifest
 from madflow.runlog import setup
-from madflow.tiling import write_atomic
 
 log = setup(snakemake.log[0])
 p = snakemake.params

@@ -1,11 +1,12 @@
 """Record what produced an experiment's results: resolved config, git commit, versions."""
 
 import json
+from pathlib import Path
 from datetime import datetime, timezone
 
+from madflow.io import write_atomic
 from madflow.provenance import provenance
 from madflow.runlog import setup
-from madflow.tiling import write_atomic
 
 log = setup(snakemake.log[0])
 record = {
@@ -14,5 +15,5 @@ record = {
     **provenance(),
     "written": datetime.now(timezone.utc).isoformat(),
 }
-write_atomic(snakemake.output.config, lambda t: open(t, "w").write(json.dumps(record, indent=2, default=str)))
+write_atomic(snakemake.output.config, lambda t: Path(t).write_text(json.dumps(record, indent=2, default=str)))
 log.info("commit %s", record["git_commit"])

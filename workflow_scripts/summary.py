@@ -3,8 +3,8 @@
 import pandas as pd
 
 from madflow.figures import summary_table
+from madflow.io import write_atomic
 from madflow.runlog import setup
-from madflow.tiling import write_atomic
 
 log = setup(snakemake.log[0])
 tables = [pd.read_csv(p, sep="\t", keep_default_na=False, na_values=[""]) for p in snakemake.input.metrics]

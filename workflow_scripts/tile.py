@@ -2,9 +2,10 @@
 
 import pandas as pd
 
+from madflow.io import write_atomic
 from madflow.runlog import setup
 from madflow.slides import mag_str
-from madflow.tiling import qc_image, tile_slide, write_atomic, write_coords_h5
+from madflow.tiling import qc_image, tile_slide, write_coords_h5
 
 log = setup(snakemake.log[0])
 p = snakemake.params
