@@ -286,6 +286,11 @@ def retention_bars(summary_df: pd.DataFrame, out, pairs: Sequence[str] | None = 
         if metric != "probe_ba":
             ax.axhline(1.0, color="0.3", lw=0.8, ls="--")
         ax.axhline(0.0, color="0.3", lw=0.6)
+        lo, hi = ax.get_ylim()
+        if metric != "probe_ba" and (lo < -1.5 or hi > 2.5):
+            # a ratio whose denominator is near chance has a huge CI; keep the bars readable
+            ax.set_ylim(max(lo, -1.5), min(hi, 2.5))
+            ylab += " (axis clipped)"
         ax.set_title(title)
         ax.set_ylabel(ylab)
         ax.set_xlabel("Magnification pair a→b (×)")
