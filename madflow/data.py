@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
-from madflow.slides import mag_str
+from madflow.slides import mag_str, pair_str
 
 __all__ = [
     "NETWORK_MODES",
@@ -67,10 +67,6 @@ def parse_pair(pair: str) -> tuple[float, ...]:
     if len(mags) < 2 or any(b <= a for a, b in zip(mags, mags[1:])):
         raise ValueError(f"bad magnification pair {pair!r}: needs coarse -> fine")
     return mags
-
-
-def pair_label(mags: Sequence[float]) -> str:
-    return "->".join(mag_str(m) for m in mags)
 
 
 def load_tables(paths: Iterable[str]) -> pd.DataFrame:
@@ -241,7 +237,7 @@ def group_weights(mode: str, pairs: dict, chain: Sequence[float] | None = None) 
             chain = mags
         if len(chain) != 3:
             raise ValueError(f"tri mode needs a chain of 3 magnifications, got {list(chain)}")
-        return {pair_label(chain): 1.0}
+        return {pair_str(*chain): 1.0}
     raise ValueError(f"unknown training mode {mode!r}")
 
 

@@ -39,7 +39,7 @@ from sklearn.model_selection import GroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from madflow.slides import mag_str
+from madflow.slides import mag_str, pair_str
 
 __all__ = [
     "METRIC_COLUMNS", "TIDY_COLUMNS", "DEFAULT_CS", "mag_str", "pair_str", "slide_split",
@@ -52,11 +52,6 @@ TIDY_COLUMNS = ["experiment", "encoder", "metric", "scope", "value", "ci_low", "
 DEFAULT_CS = tuple(np.logspace(-3, 2, 6))
 NO_LABELS = "not applicable: no labels"
 _KEY_COLS = ("i", "j", "k", "m")
-
-
-# ----------------------------------------------------------------------------- formatting
-def pair_str(a: float, b: float) -> str:
-    return f"{mag_str(a)}->{mag_str(b)}"
 
 
 # ----------------------------------------------------------------------------- split

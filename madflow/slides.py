@@ -34,6 +34,11 @@ def mag_str(mag: float) -> str:
     return f"{float(mag):g}"
 
 
+def pair_str(*mags: float) -> str:
+    """(2.5, 10) -> '2.5->10': the scope of a magnification pair (or chain)."""
+    return "->".join(mag_str(m) for m in mags)
+
+
 def mpp_to_mag(mpp: float) -> float:
     """40x = 0.25 um/px, 20x = 0.5, 10x = 1.0 (SPEC section 3)."""
     return 10.0 / mpp
