@@ -225,11 +225,15 @@ class SlideReader:
             self._cache.popitem(last=False)
         return tile
 
-    def read_level_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """RGB uint8 (h, w, 3) of a region in the level's own pixel grid; white outside."""
-        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+    def read_level_region(self, level: int, x: int, y: int, w: int, h: int, out=None) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of a region in the level's own pixel grid; white outside.
+        Written into `out` when given (saves a copy when filling a batch)."""
         lw, lh = self.level_dimensions[level]
         x_lo, y_lo, x_hi, y_hi = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if out is None:
+            out = np.empty((h, w, 3), np.uint8)
+        if x_lo > x or y_lo > y or x_hi < x + w or y_hi < y + h:
+            out[...] = BACKGROUND  # part of the region lies outside the level
         if x_lo >= x_hi or y_lo >= y_hi:
             return out
         if not self._pages:
@@ -254,19 +258,22 @@ class SlideReader:
                 ]
         return out
 
-    def read_tile(self, row) -> np.ndarray:
+    def read_tile(self, row, out=None) -> np.ndarray:
         """The tile of a tile-table row: uint8 (tile_px, tile_px, 3), native pixels, resized
-        (area) only where the row says native is False."""
+        (area) only where the row says native is False. Written into `out` when given."""
         get = row.__getitem__ if hasattr(row, "__getitem__") else lambda k: getattr(row, k)
         level, size0, tile_px = int(get("level")), int(get("size0")), int(get("tile_px"))
         step = round(float(get("downsample")))  # nominal integer downsample of the level
         n = max(1, round(size0 / step))
-        region = self.read_level_region(
-            level, int(get("x0")) // step, int(get("y0")) // step, n, n
-        )
-        if n != tile_px:
-            region = np.asarray(Image.fromarray(region).resize((tile_px, tile_px), Image.BOX))
-        return region
+        x, y = int(get("x0")) // step, int(get("y0")) // step
+        if n == tile_px:
+            return self.read_level_region(level, x, y, n, n, out)
+        region = self.read_level_region(level, x, y, n, n)
+        region = np.asarray(Image.fromarray(region).resize((tile_px, tile_px), Image.BOX))
+        if out is None:
+            return region
+        out[...] = region
+        return out
 
     def read_tiles(self, df) -> np.ndarray:
         """uint8 (N, T, T, 3) for the rows of a tile-table DataFrame (all the same tile_px)."""
@@ -275,7 +282,7 @@ class SlideReader:
         tile_px = int(df["tile_px"].iloc[0])
         out = np.empty((len(df), tile_px, tile_px, 3), np.uint8)
         for n, row in enumerate(df[["x0", "y0", "size0", "tile_px", "level", "downsample"]].itertuples(index=False)):
-            out[n] = self.read_tile(row._asdict())
+            self.read_tile(row._asdict(), out[n])
         return out
 
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
