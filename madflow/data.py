@@ -506,18 +506,26 @@ class MADBatchDataset(IterableDataset):
     def __init__(self, index: TileIndex, mode: str, pairs: dict, n_parents: int, n_local: int,
                  seed: int, total_steps: int, start_step: int = 0, rank: int = 0,
                  parent_view: bool = True, augmenter: Augmenter | None = None,
-                 reader_factory: Callable[[str], object] | None = None):
+                 reader_factory: Callable[[str], object] | None = None,
+                 same_mag_weight: Sequence[float] | None = None):
         super().__init__()
         if mode not in NETWORK_MODES:
             raise ValueError(f"mode {mode!r} does not train a network (expected one of {NETWORK_MODES})")
         self.index = index
         self.mode = mode
         self.groups = group_weights(mode, pairs)
+        # cross-scale modes: per step, the probability of a same-magnification (plain DINO)
+        # batch instead of a cross-scale one; None or all zero = cross-scale batches only
+        w = None if same_mag_weight is None else np.asarray(same_mag_weight, dtype=np.float64)
+        self.same_mag_weight = w if mode != "same_mag" and w is not None and w.any() else None
+        self.same_mag_groups = group_weights("same_mag", pairs) if self.same_mag_weight is not None else {}
         for g in self.groups:  # fail early on pairs the tables cannot serve
             if mode == "same_mag":
                 index.rows_at(float(g))
             else:
                 index.eligible(parse_pair(g), n_local)
+        for g in self.same_mag_groups:
+            index.rows_at(float(g))
         self.n_parents = int(n_parents)
         self.n_local = int(n_local)
         self.seed = int(seed)
@@ -531,13 +539,19 @@ class MADBatchDataset(IterableDataset):
         self.tile_px = index.tile_px
 
     # -- rng streams --------------------------------------------------------------------
-    def group_for_step(self, step: int) -> str:
-        return choose_group(self.groups, np.random.default_rng([self.seed, int(step), 7919]))
+    def group_for_step(self, step: int) -> tuple[str, str]:
+        """(mode, group) of a step's batch: a pure function of (seed, step)."""
+        rng = np.random.default_rng([self.seed, int(step), 7919])
+        if self.same_mag_weight is not None:
+            w = self.same_mag_weight[min(int(step), len(self.same_mag_weight) - 1)]
+            if rng.random() < w:
+                return "same_mag", choose_group(self.same_mag_groups, rng)
+        return self.mode, choose_group(self.groups, rng)
 
     def rows_for_step(self, step: int) -> dict:
-        group = self.group_for_step(step)
+        mode, group = self.group_for_step(step)
         rng = np.random.default_rng([self.seed, int(step), self.rank, 0])
-        return sample_batch(self.index, self.mode, group, self.n_parents, self.n_local, rng)
+        return sample_batch(self.index, mode, group, self.n_parents, self.n_local, rng)
 
     # -- pixels -------------------------------------------------------------------------
     def _reader(self, path: str):

@@ -25,8 +25,9 @@ def color_stats(pixels: np.ndarray) -> np.ndarray:
     return np.concatenate([x.mean(axis=1), x.std(axis=1)], axis=1)
 
 
-def build_encoder(settings: dict, model_cfg: dict, encoder_path: str | None, tile_px: int):
-    """(callable uint8 (N,T,T,3) -> float (N,D), description) for an experiment."""
+def build_encoder(settings: dict, encoder_path: str | None, tile_px: int):
+    """(callable uint8 (N,T,T,3) -> float (N,D), description) for an experiment: the network
+    comes from the trained encoder's own metadata, or from an external entry's arch/kwargs."""
     mode = settings.get("mode", "mad")
     if mode == "color_stats":
         return color_stats, "color_stats (mean, std per RGB channel)"

@@ -56,12 +56,17 @@ TRAIN_DEFAULTS = {
     "center_momentum": 0.9,
     "koleo_weight": 0.0,
     "parent_view": True,
+    # cross-scale modes: share of batches that are plain same-magnification DINO batches
+    # (number, or [start, end] on a cosine over training): keeps the teacher informative
+    # while the cross-scale task is still too hard to predict (see README "Findings")
+    "same_mag_weight": 0.0,
     "checkpoint_every": 50,
     "num_workers": 1,
     # optional keys (not required in config.yaml)
     "hed_jitter": 0.05,        # HED stain jitter: scale U(1-h, 1+h), shift U(-h, h) per stain
     "color_jitter": 0.1,       # brightness/contrast/saturation factors U(1-c, 1+c)
     "blur_prob": 0.1,          # probability of a light 3x3 Gaussian blur per view
+    "tile_norm": False,        # per-tile colour standardisation of every view (and at embedding)
     "centering": "ema",        # "ema" (DINO centre, SPEC default) or "sinkhorn" (SwAV/DINOv2)
     "stop_after": None,        # stop (without final checkpoint) once this many steps are done
     "collapse_min_prototypes": 3,
@@ -78,6 +83,16 @@ def resolve_train_config(cfg: dict, experiment: dict) -> tuple[str, dict, dict]:
     """-> (mode, train config, model config) with the experiment's overrides applied."""
     experiment = dict(experiment or {})
     mode = str(experiment.get("mode", "mad"))
+    # a misspelt setting must not be ignored silently: it would change no number and look tried
+    known = set(TRAIN_DEFAULTS) | {"seeds"}
+    unknown = sorted(set(cfg.get("train") or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown train setting(s) {unknown}; known: {sorted(known)}")
+    if mode not in ("external", "color_stats"):
+        unknown = sorted(set(experiment) - known - _EXPERIMENT_META_KEYS)
+        if unknown:
+            raise ValueError(f"experiment {experiment.get('name', '')!r}: unknown setting(s) {unknown}; "
+                             f"an experiment may set mode, model and any train setting {sorted(known)}")
     tcfg = dict(TRAIN_DEFAULTS)
     tcfg.update(copy.deepcopy(cfg.get("train") or {}))
     for k, v in experiment.items():
@@ -242,7 +257,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
         if is_main:
             save_encoder(enc_path, model.teacher.backbone,
                          _encoder_meta(mcfg, img_size, experiment_name, mode, seed, 0, model.teacher.backbone,
-                                       bool(tcfg.get("tile_norm", False))))
+                                       bool(tcfg["tile_norm"])))
             _write_log_header(log_path)
         log.info("mode random_init: saved the untrained teacher backbone to %s", enc_path)
         _finish_dist(world)
@@ -314,8 +329,9 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
         index, mode, tcfg["pairs"], B, n_local, seed, total, start_step=start, rank=rank,
         parent_view=bool(tcfg["parent_view"]),
         augmenter=Augmenter(hed_jitter=float(tcfg["hed_jitter"]), color_jitter=float(tcfg["color_jitter"]),
-                            blur_prob=float(tcfg["blur_prob"]), tile_norm=bool(tcfg.get("tile_norm", False))),
-        reader_factory=reader_factory)
+                            blur_prob=float(tcfg["blur_prob"]), tile_norm=bool(tcfg["tile_norm"])),
+        reader_factory=reader_factory,
+        same_mag_weight=cosine(*_pair2(tcfg["same_mag_weight"], "same_mag_weight"), total))
     nw = int(tcfg.get("num_workers") or 0)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
                                          pin_memory=dev.type == "cuda",
@@ -443,7 +459,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
     if is_main:
         save_encoder(enc_path, model.teacher.backbone,
                      _encoder_meta(mcfg, img_size, experiment_name, mode, seed, done, model.teacher.backbone,
-                                   bool(tcfg.get("tile_norm", False))))
+                                   bool(tcfg["tile_norm"])))
         reason = _collapse_reason(last, K, min_protos) if last else None
         if reason:
             log.warning("training ended looking collapsed: %s", reason)

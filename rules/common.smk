@@ -6,6 +6,7 @@ import pandas as pd
 from snakemake.utils import validate
 
 from madflow.slides import mag_str
+from madflow.train import resolve_train_config
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -18,6 +19,9 @@ STUDY_SEEDS = [int(s) for s in config["study"]["seeds"]]
 UNTRAINED_MODES = {"random_init", "color_stats", "external"}
 # ... and those that need no pretrain job at all (the embed step builds them)
 NO_PRETRAIN_MODES = {"color_stats", "external"}
+# fail at parse time, naming the key, on a misspelt train or experiment setting
+for _name, _exp in config["experiments"].items():
+    resolve_train_config(config, {"name": _name, **_exp})
 
 
 wildcard_constraints:

@@ -52,7 +52,6 @@ rule embed:
     threads: 1
     params:
         settings=lambda wildcards: experiment_settings(wildcards.experiment),
-        model=config["model"],
         tile_px=config["tiling"]["tile_px"],
         batch_size=config["embed"]["batch_size"],
     script:

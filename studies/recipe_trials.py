@@ -31,7 +31,7 @@ mode = exp.get('mode', 'mad')
 if mode != 'color_stats':
     train(cfg, exp, tables, out, 0, device='cpu', experiment_name=name)
 ttrain = time.time() - t0
-enc, _ = build_encoder(exp, cfg['model'], f'{out}/encoder.pt', 64)
+enc, _ = build_encoder(exp, f'{out}/encoder.pt', 64)
 # evaluation subsample: all 2.5x/10x tissue tiles, 40x tiles of 1 in 4 10x parents... keep all purity>=0.8 40x of a random 25%
 rng = np.random.default_rng(0)
 frames, xs = [], []

@@ -306,6 +306,33 @@ def test_same_mag_batch_views_share_the_tile(index):
         torch.testing.assert_close(b["student"][:, v], b["teacher"])
 
 
+def test_same_mag_weight_mixes_plain_dino_batches(index):
+    # weight 1 -> 0 over 40 steps: early steps are same-magnification batches, late ones cross-scale
+    ds = _ds(index, "shuffled", aug=False, same_mag_weight=np.linspace(1.0, 0.0, 40))
+    kinds = [ds.group_for_step(s) for s in range(40)]
+    assert kinds[0][0] == "same_mag" and kinds[0][1] in {"2.5", "10", "40"}
+    assert kinds[-1] == ("shuffled", kinds[-1][1]) and "->" in kinds[-1][1]
+    assert 10 < sum(k[0] == "same_mag" for k in kinds) < 30
+    assert kinds == [ds.group_for_step(s) for s in range(40)]  # a pure function of the step
+    b = ds.batch_for_step(0)
+    for v in range(b["student"].shape[1]):
+        torch.testing.assert_close(b["student"][:, v], b["teacher"])
+    # weight 0 leaves the cross-scale sampler exactly as it was
+    plain, zero = _ds(index, "shuffled"), _ds(index, "shuffled", same_mag_weight=np.zeros(4))
+    assert [plain.group_for_step(s) for s in range(4)] == [zero.group_for_step(s) for s in range(4)]
+
+
+def test_unknown_train_settings_are_errors():
+    from madflow.train import resolve_train_config
+
+    cfg = tiny_cfg()
+    assert resolve_train_config(cfg, {"same_mag_weight": [0.5, 0.1]})[1]["same_mag_weight"] == [0.5, 0.1]
+    with pytest.raises(ValueError, match="teacher_tmp"):
+        resolve_train_config(cfg, {"name": "typo", "teacher_tmp": 0.04})
+    with pytest.raises(ValueError, match="parentview"):
+        resolve_train_config({**cfg, "train": {**cfg["train"], "parentview": False}}, {})
+
+
 @pytest.fixture(scope="module")
 def tiff_slide(tmp_path_factory):
     """An Aperio-style TIFF pyramid (levels 1/4/16) and its tile table, for madflow.slides."""
