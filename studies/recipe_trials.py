@@ -5,7 +5,12 @@ slides and evaluate it on a subsample (all 2.5x/10x tissue tiles, 25% of 40x til
     python studies/recipe_trials.py NAME ['{"mode": "random_init"}'] [train.k=v] [kw.k=v] [head.k=v]
 
 kw.* are timm model kwargs, head.* DINO-head settings, train.* training settings. One JSON line
-per trial is appended to studies/recipe_trials.jsonl (the table in the README)."""
+per trial is appended to studies/recipe_trials.jsonl (the table in the README).
+
+``{"mode": "supervised", "mags": [10, 40]}`` is the benchmark's positive control, not a competitor:
+the same ViT trained for train.steps steps with the class labels of pure tiles at those
+magnifications (cross-entropy, same augmentation), then evaluated like every trial. It shows
+what the metrics read for an encoder that does map a class to one place at every scale."""
 import sys, json, yaml, glob, time, logging, numpy as np, pandas as pd
 from pathlib import Path
 from madflow.train import train
@@ -28,7 +33,43 @@ out = f'results/studies/{name}'
 t0 = time.time()
 logging.basicConfig(level=logging.WARNING)
 mode = exp.get('mode', 'mad')
-if mode != 'color_stats':
+
+def train_supervised(cfg, mags, tables, out):
+    """Labels of pure tiles at `mags` -> the backbone, through a linear classifier."""
+    import torch
+    from madflow.data import Augmenter
+    from madflow.model import build_backbone, backbone_dim, save_encoder
+    from madflow.train import TRAIN_DEFAULTS
+    torch.manual_seed(0)
+    tcfg = {**TRAIN_DEFAULTS, **cfg['train']}
+    m = cfg['model']
+    tiles = pd.concat([pd.read_parquet(t) for t in tables], ignore_index=True)
+    tiles = tiles[tiles.tissue & tiles.mag.isin(mags) & (tiles.label_purity >= cfg['tiling']['min_purity'])]
+    classes = sorted(tiles.label.astype(str).unique())
+    px, ys = [], []
+    for path, g in tiles.groupby('path'):
+        px.append(SlideReader(path).read_tiles(g)); ys.append(g.label.astype(str).map(classes.index).to_numpy())
+    px, ys = np.concatenate(px), np.concatenate(ys)
+    bb = build_backbone(m['arch'], m['kwargs'], None, cfg['tiling']['tile_px'])
+    net = torch.nn.Sequential(bb, torch.nn.Linear(backbone_dim(bb), len(classes)))
+    opt = torch.optim.AdamW(net.parameters(), lr=float(tcfg['lr']), weight_decay=0.05)
+    aug = Augmenter(hed_jitter=float(tcfg['hed_jitter']), color_jitter=float(tcfg['color_jitter']),
+                    blur_prob=float(tcfg['blur_prob']), tile_norm=bool(tcfg['tile_norm']))
+    rng = np.random.default_rng(0)
+    n = int(tcfg['batch_parents']) * (int(tcfg['n_local']) + 1)  # as many images per step as MAD
+    for step in range(int(tcfg['steps'])):
+        b = rng.choice(len(ys), n)
+        x = aug(torch.from_numpy(px[b]).permute(0, 3, 1, 2).float().div_(255), rng)
+        loss = torch.nn.functional.cross_entropy(net(x), torch.from_numpy(ys[b]))
+        opt.zero_grad(); loss.backward(); opt.step()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_encoder(f'{out}/encoder.pt', bb, {'arch': m['arch'], 'kwargs': m['kwargs'], 'img_size': cfg['tiling']['tile_px'],
+                                           'mode': 'supervised', 'seed': 0, 'tile_norm': bool(tcfg['tile_norm'])})
+
+
+if mode == 'supervised':
+    train_supervised(cfg, [float(x) for x in exp['mags']], tables, out)
+elif mode != 'color_stats':
     train(cfg, exp, tables, out, 0, device='cpu', experiment_name=name)
 ttrain = time.time() - t0
 enc, _ = build_encoder(exp, f'{out}/encoder.pt', 64)
@@ -45,7 +86,7 @@ for sid, sp in zip(split.slide_id, split.split):
 tiles = pd.concat(frames, ignore_index=True); X = np.concatenate(xs)
 m, art = evaluate(tiles, X, magnifications=[2.5,10,40], n_bootstrap=50, cv_folds=3)
 def v(metric, scope): return float(m[(m.metric==metric)&(m.scope==scope)].value.iloc[0])
-log = pd.read_csv(f'{out}/train_log.tsv', sep='\t') if mode not in ('color_stats',) and glob.glob(f'{out}/train_log.tsv') else None
+log = pd.read_csv(f'{out}/train_log.tsv', sep='\t') if mode not in ('color_stats', 'supervised') and glob.glob(f'{out}/train_log.tsv') else None
 res = dict(name=name, ttrain=round(ttrain), BA10_10=v('probe_ba','10->10'), BA10_40=v('probe_ba','10->40'), BA40_40=v('probe_ba','40->40'),
            BA25_25=v('probe_ba','2.5->2.5'), BA25_10=v('probe_ba','2.5->10'), BA40_10=v('probe_ba','40->10'), Rcc10_40=v('retention_cc','10->40'),
            AMI=v('ami','global'), leak=v('mag_leakage','global'), dh10_40=v('delta_hier','10->40'), dh25_10=v('delta_hier','2.5->10'),
