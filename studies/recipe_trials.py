@@ -7,7 +7,7 @@ slides and evaluate it on a subsample (all 2.5x/10x tissue tiles, 25% of 40x til
 kw.* are timm model kwargs, head.* DINO-head settings, train.* training settings. One JSON line
 per trial is appended to studies/recipe_trials.jsonl (the table in the README).
 
-``{"mode": "supervised", "mags": [10, 40]}`` is the benchmark's positive control, not a competitor:
+``{"mode": "supervised", "mags": [10, 40], "cosine": true}`` is the benchmark's positive control, not a competitor:
 the same ViT trained for train.steps steps with the class labels of pure tiles at those
 magnifications (cross-entropy, same augmentation), then evaluated like every trial. It shows
 what the metrics read for an encoder that does map a class to one place at every scale."""
@@ -34,8 +34,10 @@ t0 = time.time()
 logging.basicConfig(level=logging.WARNING)
 mode = exp.get('mode', 'mad')
 
-def train_supervised(cfg, mags, tables, out):
-    """Labels of pure tiles at `mags` -> the backbone, through a linear classifier."""
+def train_supervised(cfg, mags, tables, out, cosine=False):
+    """Labels of pure tiles at `mags` -> the backbone, through a linear classifier; cosine: a
+    cosine classifier (unit features and class vectors, temperature 0.1), which pulls every
+    tile of a class towards one direction whatever its magnification."""
     import torch
     from madflow.data import Augmenter
     from madflow.model import build_backbone, backbone_dim, save_encoder
@@ -51,8 +53,13 @@ def train_supervised(cfg, mags, tables, out):
         px.append(SlideReader(path).read_tiles(g)); ys.append(g.label.astype(str).map(classes.index).to_numpy())
     px, ys = np.concatenate(px), np.concatenate(ys)
     bb = build_backbone(m['arch'], m['kwargs'], None, cfg['tiling']['tile_px'])
-    net = torch.nn.Sequential(bb, torch.nn.Linear(backbone_dim(bb), len(classes)))
-    opt = torch.optim.AdamW(net.parameters(), lr=float(tcfg['lr']), weight_decay=0.05)
+    fc = torch.nn.Linear(backbone_dim(bb), len(classes), bias=not cosine)
+    def net(x):
+        f = bb(x)
+        if cosine:
+            return torch.nn.functional.normalize(f, dim=1) @ torch.nn.functional.normalize(fc.weight, dim=1).T / 0.1
+        return fc(f)
+    opt = torch.optim.AdamW([*bb.parameters(), *fc.parameters()], lr=float(tcfg['lr']), weight_decay=0.05)
     aug = Augmenter(hed_jitter=float(tcfg['hed_jitter']), color_jitter=float(tcfg['color_jitter']),
                     blur_prob=float(tcfg['blur_prob']), tile_norm=bool(tcfg['tile_norm']))
     rng = np.random.default_rng(0)
@@ -68,7 +75,7 @@ def train_supervised(cfg, mags, tables, out):
 
 
 if mode == 'supervised':
-    train_supervised(cfg, [float(x) for x in exp['mags']], tables, out)
+    train_supervised(cfg, [float(x) for x in exp['mags']], tables, out, bool(exp.get('cosine')))
 elif mode != 'color_stats':
     train(cfg, exp, tables, out, 0, device='cpu', experiment_name=name)
 ttrain = time.time() - t0
