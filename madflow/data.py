@@ -49,7 +49,7 @@ __all__ = [
     "IMAGENET_STD",
 ]
 
-NETWORK_MODES = ("mad", "same_mag", "shuffled", "interp", "tri")
+NETWORK_MODES = ("mad", "same_mag", "shuffled", "interp", "tri", "supervised")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -88,7 +88,8 @@ class TileIndex:
     Row numbers used everywhere are positions in ``self.df`` (tissue rows only).
     """
 
-    def __init__(self, tables: pd.DataFrame | Sequence[pd.DataFrame]):
+    def __init__(self, tables: pd.DataFrame | Sequence[pd.DataFrame], min_purity: float = 0.8):
+        self.min_purity = float(min_purity)  # a tile is labelled when one class covers this much
         if isinstance(tables, pd.DataFrame):
             df = tables
         else:
@@ -122,6 +123,15 @@ class TileIndex:
     def rows_at(self, mag: float) -> np.ndarray:
         mag = self._check_mag(mag)
         return self._rows_by_mag[mag]
+
+    def labelled_rows(self, mag: float) -> np.ndarray:
+        """Rows at ``mag`` whose majority class covers at least ``min_purity`` of the tile."""
+        rows = self.rows_at(mag)
+        if "label" not in self.df.columns or "label_purity" not in self.df.columns:
+            return rows[:0]
+        sub = self.df.iloc[rows]
+        ok = sub["label"].notna().to_numpy() & (sub["label_purity"].fillna(0).to_numpy() >= self.min_purity)
+        return rows[ok]
 
     def _check_mag(self, mag: float) -> float:
         mag = float(mag)
@@ -224,7 +234,7 @@ def group_weights(mode: str, pairs: dict, chain: Sequence[float] | None = None) 
         parse_pair(k)
     if mode in ("mad", "shuffled", "interp"):
         return w
-    if mode == "same_mag":
+    if mode in ("same_mag", "supervised"):
         out: dict = {}
         for k, v in w.items():
             ms = parse_pair(k)
@@ -261,6 +271,11 @@ def sample_batch(index: TileIndex, mode: str, group: str, n_parents: int, n_loca
     whose footprint defines the crop of the parent; for ``same_mag``: the parent itself).
     """
     B = int(n_parents)
+    if mode == "supervised":  # labelled tiles, as many images per step as a MAD batch has
+        rows = index.labelled_rows(float(group))
+        tiles = rows[_choose(rng, len(rows), B * (n_local + 1))]
+        return {"mode": mode, "group": group, "parents": tiles,
+                "children": np.empty((len(tiles), 0), dtype=np.int64), "interp": False}
     if mode == "same_mag":
         rows = index.rows_at(float(group))
         parents = rows[_choose(rng, len(rows), B)]
@@ -517,11 +532,15 @@ class MADBatchDataset(IterableDataset):
         # cross-scale modes: per step, the probability of a same-magnification (plain DINO)
         # batch instead of a cross-scale one; None or all zero = cross-scale batches only
         w = None if same_mag_weight is None else np.asarray(same_mag_weight, dtype=np.float64)
-        self.same_mag_weight = w if mode != "same_mag" and w is not None and w.any() else None
+        self.same_mag_weight = w if mode not in ("same_mag", "supervised") and w is not None and w.any() else None
         self.same_mag_groups = group_weights("same_mag", pairs) if self.same_mag_weight is not None else {}
         for g in self.groups:  # fail early on pairs the tables cannot serve
             if mode == "same_mag":
                 index.rows_at(float(g))
+            elif mode == "supervised":
+                if not len(index.labelled_rows(float(g))):
+                    raise ValueError(f"the supervised control needs labelled tiles at {g}x "
+                                     f"(label purity >= {index.min_purity}); the tile tables have none")
             else:
                 index.eligible(parse_pair(g), n_local)
         for g in self.same_mag_groups:

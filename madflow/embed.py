@@ -38,7 +38,8 @@ def build_encoder(settings: dict, encoder_path: str | None, tile_px: int):
         tile_norm = bool(settings.get("tile_norm", False))
     else:
         backbone, meta = load_encoder(encoder_path)
-        name = f"{meta.get('arch')} teacher backbone ({mode}, seed {meta.get('seed')})"
+        which = "backbone trained with labels" if mode == "supervised" else "teacher backbone"
+        name = f"{meta.get('arch')} {which} ({mode}, seed {meta.get('seed')})"
         tile_norm = bool(meta.get("tile_norm", False))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone.to(device)

@@ -46,7 +46,7 @@ __all__ = [
 # fixed colours for the named experiments (SPEC section 9), so a figure never recolours
 # an experiment because another one was added or removed
 _KNOWN_EXPERIMENTS = ["mad", "same_mag", "shuffled", "interp", "pair_10_40", "tri",
-                      "random_init", "color_stats"]
+                      "random_init", "color_stats", "supervised"]
 _BASE = [to_hex(c) for c in sns.color_palette("tab10", 10)]
 _EXTRA = [to_hex(c) for c in sns.color_palette("tab20b", 20)] + \
     [to_hex(c) for c in sns.color_palette("tab20c", 20)]

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from madflow.data import (NETWORK_MODES, Augmenter, MADBatchDataset, TileIndex, load_tables)
 from madflow.loss import DINOLoss, koleo_loss, teacher_temp_schedule
-from madflow.model import MADModel, atomic_torch_save, backbone_dim, save_encoder
+from madflow.model import MADModel, atomic_torch_save, backbone_dim, build_backbone, save_encoder
 
 log = logging.getLogger("madflow.train")
 
@@ -266,7 +266,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
         raise ValueError(f"unknown experiment mode {mode!r}")
 
     # ---- data ----------------------------------------------------------------------------
-    index = TileIndex(load_tables(tables))
+    index = TileIndex(load_tables(tables), min_purity=float((cfg.get("tiling") or {}).get("min_purity", 0.8)))
     if index.tile_px != img_size:
         log.warning("tile tables have tile_px=%d but tiling.tile_px=%d; using %d",
                     index.tile_px, img_size, index.tile_px)
@@ -277,6 +277,14 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
         log.warning("batch_parents=%d is not divisible by world size %d", B_total, world)
     B = max(1, B_total // world)
     n_local = int(tcfg["n_local"])
+
+    if mode == "supervised":
+        if world > 1:
+            raise ValueError("the supervised control runs in one process (it is a small calibration run)")
+        out = _train_supervised(tcfg, mcfg, index, img_size, seed, dev, out_dir, experiment_name,
+                                reader_factory, stop_after)
+        _finish_dist(world)
+        return out
 
     # ---- model, loss, optimiser ------------------------------------------------------------
     model = MADModel.from_config(mcfg, img_size).to(dev)
@@ -467,6 +475,91 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
     _finish_dist(world)
     return {"mode": mode, "steps": done, "encoder": enc_path, "last": last,
             "collapse_warnings": collapse_warnings, "model": model}
+
+
+def _train_supervised(tcfg: dict, mcfg: dict, index: TileIndex, img_size: int, seed: int, dev,
+                      out_dir: str, experiment_name: str | None, reader_factory, stop_after) -> dict:
+    """The benchmark's positive control: the same backbone, augmentation, schedule and images
+    per step, trained by cross-entropy on the class labels of pure tiles at the magnifications
+    of ``pairs`` through a linear classifier. It uses labels, so it calibrates the metrics
+    (what an encoder that learnt the classes at every scale scores); it is not a competitor."""
+    classes = sorted(index.df["label"].dropna().astype(str).unique()) if "label" in index.df.columns else []
+    if not classes:
+        raise ValueError("the supervised control needs labelled tiles; the tile tables have no labels")
+    codes = index.df["label"].astype("string").map({c: n for n, c in enumerate(classes)})
+    codes = torch.tensor(codes.fillna(-1).to_numpy(dtype=np.int64))
+    backbone = build_backbone(mcfg["arch"], mcfg.get("kwargs") or {}, mcfg.get("checkpoint"), img_size)
+    net = torch.nn.Sequential(backbone, torch.nn.Linear(backbone_dim(backbone), len(classes))).to(dev)
+    total = int(tcfg["steps"])
+    opt = torch.optim.AdamW(_param_groups(net), lr=float(tcfg["lr"]), betas=(0.9, 0.999))
+    lr_s = lr_schedule(float(tcfg["lr"]), float(tcfg["min_lr"]), int(round(float(tcfg["warmup_frac"]) * total)), total)
+    wd_s = cosine(*_pair2(tcfg["weight_decay"], "weight_decay"), total)
+    enc_path = os.path.join(out_dir, "encoder.pt")
+    log_path = os.path.join(out_dir, "train_log.tsv")
+    ckpt_path = os.path.join(out_dir, "checkpoints", "last.pt")
+    start, log_rows = 0, []
+    if os.path.isfile(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        net.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["optimizer"])
+        start, log_rows = int(ck["step"]), [list(r) for r in ck["log_rows"] if int(r[0]) < int(ck["step"])]
+        _set_rng_state(ck["rng"])
+        log.info("resuming the supervised control from step %d (%s)", start, ckpt_path)
+    _prepare_log(log_path, start, log_rows)
+    ds = MADBatchDataset(
+        index, "supervised", tcfg["pairs"], int(tcfg["batch_parents"]), int(tcfg["n_local"]), seed, total,
+        start_step=start, parent_view=False, reader_factory=reader_factory,
+        augmenter=Augmenter(hed_jitter=float(tcfg["hed_jitter"]), color_jitter=float(tcfg["color_jitter"]),
+                            blur_prob=float(tcfg["blur_prob"]), tile_norm=bool(tcfg["tile_norm"])))
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=int(tcfg.get("num_workers") or 0))
+    every = int(tcfg.get("checkpoint_every") or 0)
+    clip = float(tcfg.get("clip_grad") or 0.0)
+
+    def save_ckpt(next_step: int):
+        atomic_torch_save({"step": next_step, "net": net.state_dict(), "optimizer": opt.state_dict(),
+                           "rng": _rng_state(), "log_rows": log_rows, "classes": classes}, ckpt_path)
+
+    from tqdm import tqdm
+
+    net.train()
+    step = start
+    with open(log_path, "a", newline="") as logf, \
+            tqdm(total=total, initial=start, file=sys.stderr, desc=f"train {experiment_name or 'supervised'}",
+                 dynamic_ncols=True, mininterval=1.0) as pbar:
+        writer = csv.writer(logf, delimiter="\t", lineterminator="\n")
+        t_prev = time.perf_counter()
+        for batch in loader:
+            step = int(batch["step"])
+            if stop_after is not None and step >= int(stop_after):
+                return {"mode": "supervised", "steps": step, "stopped": True}
+            for g in opt.param_groups:
+                g["lr"] = float(lr_s[step])
+                if g.get("apply_wd", True):
+                    g["weight_decay"] = float(wd_s[step])
+            loss = torch.nn.functional.cross_entropy(net(batch["teacher"].to(dev)), codes[batch["parents"]].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            opt.step()
+            now = time.perf_counter()
+            loss_value = float(loss.detach())
+            # the DINO columns do not apply: left empty
+            row = {"step": step, "pair": batch["group"], "loss": loss_value, "lr": float(lr_s[step]),
+                   "wd": float(wd_s[step]), "seconds": now - t_prev}
+            t_prev = now
+            log_rows.append([_fmt(row[c]) if c in row else "" for c in LOG_COLUMNS])
+            writer.writerow(log_rows[-1])
+            logf.flush()
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+            if every > 0 and (step + 1) % every == 0 and step + 1 < total:
+                save_ckpt(step + 1)
+    save_ckpt(total)
+    save_encoder(enc_path, backbone, {**_encoder_meta(mcfg, img_size, experiment_name, "supervised", seed, total,
+                                                      backbone, bool(tcfg["tile_norm"])), "which": "backbone", "classes": classes})
+    log.info("wrote %s (supervised control, %d classes)", enc_path, len(classes))
+    return {"mode": "supervised", "steps": total, "encoder": enc_path}
 
 
 def _collapse_reason(row: dict, K: int, min_protos: int) -> str | None:

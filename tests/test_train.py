@@ -482,6 +482,41 @@ def test_ablation_modes_train(slides, tmp_path, exp):
         assert set(logdf.pair) <= {"2.5", "10", "40"}
 
 
+def test_supervised_control_learns_labels_and_resumes(slides, tmp_path):
+    # label the tiles by slide half: a pure class for every tile, at every magnification
+    labelled = []
+    for n, p in enumerate(slides):
+        df = pd.read_parquet(p)
+        df["label"] = pd.Series(np.where(df.x0 + df.size0 / 2 < 512, "left", "right"), dtype="string")
+        df["label_purity"] = np.float32(1.0)
+        df.loc[(df.mag == 40) & (df.index % 7 == 0), "label_purity"] = np.float32(0.5)  # never sampled
+        q = str(tmp_path / f"labelled{n}.parquet")
+        df.to_parquet(q)
+        labelled.append(q)
+    cfg = tiny_cfg(steps=4, checkpoint_every=2)
+    cfg["experiments"]["supervised"] = {"mode": "supervised"}
+    _train_tables(cfg, labelled, str(tmp_path / "s"), exp="supervised")
+    w, meta = _weights(str(tmp_path / "s"))
+    assert meta["mode"] == "supervised" and meta["which"] == "backbone" and meta["classes"] == ["left", "right"]
+    logdf = pd.read_csv(tmp_path / "s" / "train_log.tsv", sep="\t", dtype={"pair": str})
+    assert logdf.step.tolist() == [0, 1, 2, 3] and set(logdf.pair) <= {"2.5", "10", "40"}
+    assert np.isfinite(logdf.loss).all() and logdf.teacher_entropy.isna().all()
+    # the sampler draws only labelled, pure tiles, as many per step as a MAD batch has images
+    index = D.TileIndex(D.load_tables(labelled))
+    rows = D.sample_batch(index, "supervised", "40", 8, 4, np.random.default_rng(0))["parents"]
+    assert len(rows) == 8 * 5 and (index.df.label_purity.iloc[rows] >= 0.8).all()
+    # killed after 3 steps and resumed == uninterrupted
+    _train_tables(cfg, labelled, str(tmp_path / "k"), exp="supervised", stop_after=3)
+    _train_tables(cfg, labelled, str(tmp_path / "k"), exp="supervised")
+    again, _ = _weights(str(tmp_path / "k"))
+    for k in w:
+        assert torch.equal(w[k], again[k]), k
+    assert pd.read_csv(tmp_path / "k" / "train_log.tsv", sep="\t").step.tolist() == [0, 1, 2, 3]
+    # tables without labels: a clear error
+    with pytest.raises(ValueError, match="labelled tiles"):
+        _train_tables(cfg, slides, str(tmp_path / "u"), exp="supervised")
+
+
 def test_random_init_and_color_stats(tmp_path):
     cfg = tiny_cfg()
     _train(cfg, str(tmp_path / "r"), exp="random_init")
