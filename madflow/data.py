@@ -269,6 +269,8 @@ def sample_batch(index: TileIndex, mode: str, group: str, n_parents: int, n_loca
     Returns ``{"mode", "group", "parents": [B], "children": [B, V], "interp": bool}`` where
     ``children`` are the rows the student views come from (for ``interp``: the children
     whose footprint defines the crop of the parent; for ``same_mag``: the parent itself).
+    ``supervised`` (the positive control): ``n_parents * (n_local + 1)`` labelled tiles at
+    magnification ``group`` in ``parents`` and no children.
     """
     B = int(n_parents)
     if mode == "supervised":  # labelled tiles, as many images per step as a MAD batch has
