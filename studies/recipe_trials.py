@@ -7,10 +7,11 @@ slides and evaluate it on a subsample (all 2.5x/10x tissue tiles, 25% of 40x til
 kw.* are timm model kwargs, head.* DINO-head settings, train.* training settings. One JSON line
 per trial is appended to studies/recipe_trials.jsonl (the table in the README).
 
-``{"mode": "supervised", "mags": [10, 40], "cosine": true}`` is the benchmark's positive control, not a competitor:
-the same ViT trained for train.steps steps with the class labels of pure tiles at those
-magnifications (cross-entropy, same augmentation), then evaluated like every trial. It shows
-what the metrics read for an encoder that does map a class to one place at every scale."""
+``{"mode": "supervised"}`` is the workflow's positive control (madflow.train, labels of pure tiles
+at the pairs' magnifications, drawn by the pair weights, MAD's schedule). The trial-only
+``{"mode": "supervised_uniform", "mags": [10, 40], "cosine": true}`` is the first version of it:
+tiles of those magnifications drawn uniformly (so mostly the finest), constant lr, optional
+cosine classifier. Both use labels: they calibrate the benchmark and are not competitors."""
 import sys, json, yaml, glob, time, logging, numpy as np, pandas as pd
 from pathlib import Path
 from madflow.train import train
@@ -34,7 +35,7 @@ t0 = time.time()
 logging.basicConfig(level=logging.WARNING)
 mode = exp.get('mode', 'mad')
 
-def train_supervised(cfg, mags, tables, out, cosine=False):
+def train_supervised_uniform(cfg, mags, tables, out, cosine=False):
     """Labels of pure tiles at `mags` -> the backbone, through a linear classifier; cosine: a
     cosine classifier (unit features and class vectors, temperature 0.1), which pulls every
     tile of a class towards one direction whatever its magnification."""
@@ -71,11 +72,11 @@ def train_supervised(cfg, mags, tables, out, cosine=False):
         opt.zero_grad(); loss.backward(); opt.step()
     Path(out).mkdir(parents=True, exist_ok=True)
     save_encoder(f'{out}/encoder.pt', bb, {'arch': m['arch'], 'kwargs': m['kwargs'], 'img_size': cfg['tiling']['tile_px'],
-                                           'mode': 'supervised', 'seed': 0, 'tile_norm': bool(tcfg['tile_norm'])})
+                                           'mode': 'supervised_uniform', 'seed': 0, 'tile_norm': bool(tcfg['tile_norm'])})
 
 
-if mode == 'supervised':
-    train_supervised(cfg, [float(x) for x in exp['mags']], tables, out, bool(exp.get('cosine')))
+if mode == 'supervised_uniform':
+    train_supervised_uniform(cfg, [float(x) for x in exp['mags']], tables, out, bool(exp.get('cosine')))
 elif mode != 'color_stats':
     train(cfg, exp, tables, out, 0, device='cpu', experiment_name=name)
 ttrain = time.time() - t0
@@ -93,7 +94,7 @@ for sid, sp in zip(split.slide_id, split.split):
 tiles = pd.concat(frames, ignore_index=True); X = np.concatenate(xs)
 m, art = evaluate(tiles, X, magnifications=[2.5,10,40], n_bootstrap=50, cv_folds=3)
 def v(metric, scope): return float(m[(m.metric==metric)&(m.scope==scope)].value.iloc[0])
-log = pd.read_csv(f'{out}/train_log.tsv', sep='\t') if mode not in ('color_stats', 'supervised') and glob.glob(f'{out}/train_log.tsv') else None
+log = pd.read_csv(f'{out}/train_log.tsv', sep='\t') if mode not in ('color_stats', 'supervised', 'supervised_uniform') and glob.glob(f'{out}/train_log.tsv') else None
 res = dict(name=name, ttrain=round(ttrain), BA10_10=v('probe_ba','10->10'), BA10_40=v('probe_ba','10->40'), BA40_40=v('probe_ba','40->40'),
            BA25_25=v('probe_ba','2.5->2.5'), BA25_10=v('probe_ba','2.5->10'), BA40_10=v('probe_ba','40->10'), Rcc10_40=v('retention_cc','10->40'),
            AMI=v('ami','global'), leak=v('mag_leakage','global'), dh10_40=v('delta_hier','10->40'), dh25_10=v('delta_hier','2.5->10'),
