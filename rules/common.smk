@@ -89,8 +89,9 @@ def train_logs(wildcards):
 
 
 def pretrain_launcher(wildcards, resources):
-    """torchrun with one process per GPU granted to the job, else plain python."""
+    """torchrun with one process per GPU granted to the job, else plain python (always for the
+    supervised control, a small single-process calibration run)."""
     gpus = int(resources.get("gpu", 0) or 0)
-    if gpus > 1:
+    if gpus > 1 and experiment_settings(wildcards.experiment)["mode"] != "supervised":
         return f"torchrun --standalone --nproc_per_node={gpus}"
     return "python"
