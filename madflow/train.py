@@ -336,8 +336,7 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
     ds = MADBatchDataset(
         index, mode, tcfg["pairs"], B, n_local, seed, total, start_step=start, rank=rank,
         parent_view=bool(tcfg["parent_view"]),
-        augmenter=Augmenter(hed_jitter=float(tcfg["hed_jitter"]), color_jitter=float(tcfg["color_jitter"]),
-                            blur_prob=float(tcfg["blur_prob"]), tile_norm=bool(tcfg["tile_norm"])),
+        augmenter=_augmenter(tcfg),
         reader_factory=reader_factory,
         same_mag_weight=cosine(*_pair2(tcfg["same_mag_weight"], "same_mag_weight"), total))
     nw = int(tcfg.get("num_workers") or 0)
@@ -477,6 +476,11 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
             "collapse_warnings": collapse_warnings, "model": model}
 
 
+def _augmenter(tcfg: dict) -> Augmenter:
+    return Augmenter(hed_jitter=float(tcfg["hed_jitter"]), color_jitter=float(tcfg["color_jitter"]),
+                     blur_prob=float(tcfg["blur_prob"]), tile_norm=bool(tcfg["tile_norm"]))
+
+
 def _train_supervised(tcfg: dict, mcfg: dict, index: TileIndex, img_size: int, seed: int, dev,
                       out_dir: str, experiment_name: str | None, reader_factory, stop_after) -> dict:
     """The benchmark's positive control: the same backbone, augmentation, schedule and images
@@ -509,8 +513,7 @@ def _train_supervised(tcfg: dict, mcfg: dict, index: TileIndex, img_size: int, s
     ds = MADBatchDataset(
         index, "supervised", tcfg["pairs"], int(tcfg["batch_parents"]), int(tcfg["n_local"]), seed, total,
         start_step=start, parent_view=False, reader_factory=reader_factory,
-        augmenter=Augmenter(hed_jitter=float(tcfg["hed_jitter"]), color_jitter=float(tcfg["color_jitter"]),
-                            blur_prob=float(tcfg["blur_prob"]), tile_norm=bool(tcfg["tile_norm"])))
+        augmenter=_augmenter(tcfg))
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=int(tcfg.get("num_workers") or 0))
     every = int(tcfg.get("checkpoint_every") or 0)
     clip = float(tcfg.get("clip_grad") or 0.0)
