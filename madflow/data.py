@@ -116,6 +116,7 @@ class TileIndex:
             self.depth[m] = d
         self._rows_by_mag = {m: np.flatnonzero(self.mag == m) for m in self.mags}
         self._desc: dict = {}
+        self._labelled: dict = {}
         self._eligible: dict = {}
         self._other_slide: dict = {}
 
@@ -125,13 +126,18 @@ class TileIndex:
         return self._rows_by_mag[mag]
 
     def labelled_rows(self, mag: float) -> np.ndarray:
-        """Rows at ``mag`` whose majority class covers at least ``min_purity`` of the tile."""
-        rows = self.rows_at(mag)
-        if "label" not in self.df.columns or "label_purity" not in self.df.columns:
-            return rows[:0]
-        sub = self.df.iloc[rows]
-        ok = sub["label"].notna().to_numpy() & (sub["label_purity"].fillna(0).to_numpy() >= self.min_purity)
-        return rows[ok]
+        """Rows at ``mag`` whose majority class covers at least ``min_purity`` of the tile
+        (computed once per magnification: the supervised sampler asks every step)."""
+        mag = self._check_mag(mag)
+        if mag not in self._labelled:
+            rows = self.rows_at(mag)
+            if "label" not in self.df.columns or "label_purity" not in self.df.columns:
+                self._labelled[mag] = rows[:0]
+            else:
+                sub = self.df.iloc[rows]
+                ok = sub["label"].notna().to_numpy() & (sub["label_purity"].fillna(0).to_numpy() >= self.min_purity)
+                self._labelled[mag] = rows[ok]
+        return self._labelled[mag]
 
     def _check_mag(self, mag: float) -> float:
         mag = float(mag)
