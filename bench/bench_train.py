@@ -46,7 +46,8 @@ from madflow.manifest import check_manifest  # noqa: E402
 from madflow.model import MADModel  # noqa: E402
 from madflow.synth import make_demo  # noqa: E402
 from madflow.tiling import tile_slide  # noqa: E402
-from madflow.train import _param_groups, resolve_train_config  # noqa: E402
+from madflow.train import _param_groups  # noqa: E402
+from madflow.train_config import resolve_train_config  # noqa: E402
 
 
 def build_tables(workdir: Path, mags, tile_px: int, min_tissue: float) -> list[str]:

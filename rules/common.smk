@@ -6,7 +6,7 @@ import pandas as pd
 from snakemake.utils import validate
 
 from madflow.slides import mag_str
-from madflow.train import resolve_train_config
+from madflow.train_config import resolve_train_config
 
 validate(config, "../schemas/config.schema.yaml")
 

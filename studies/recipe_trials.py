@@ -42,7 +42,7 @@ def train_supervised_uniform(cfg, mags, tables, out, cosine=False):
     import torch
     from madflow.data import Augmenter
     from madflow.model import build_backbone, backbone_dim, save_encoder
-    from madflow.train import TRAIN_DEFAULTS
+    from madflow.train_config import TRAIN_DEFAULTS
     torch.manual_seed(0)
     tcfg = {**TRAIN_DEFAULTS, **cfg['train']}
     m = cfg['model']
