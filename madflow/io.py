@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
 
 def write_atomic(path, write) -> None:
     """Call write(tmp_path) for a temporary sibling of `path`, then rename it over `path`.
@@ -26,3 +28,9 @@ def write_atomic(path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_tsv(path) -> pd.DataFrame:
+    """A TSV the workflow wrote (tidy metrics, logs, summaries): an empty cell is missing,
+    while text such as "NA" or "None" stays text."""
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])

@@ -151,3 +151,9 @@ def check_manifest(path, mags, tile_px: int, bad_slides: str, test_frac: float, 
     checked["split_source"] = np.where(checked["split"] == "", "", "manifest")
     checked = assign_split(checked, test_frac, seed)
     return checked, rejected
+
+
+def read_checked_manifest(path) -> pd.DataFrame:
+    """The manifest stage's output (results/manifest.tsv) as every later step reads it:
+    slide ids as text, empty cells as empty strings."""
+    return pd.read_csv(path, sep="\t", dtype={"slide_id": str}, keep_default_na=False)

@@ -2,11 +2,12 @@
 import json
 from pathlib import Path
 
-import pandas as pd
 from snakemake.utils import validate
 
+from madflow.config import resolve_train_config
+from madflow.manifest import read_checked_manifest
+from madflow.modes import get_mode
 from madflow.slides import mag_str
-from madflow.train_config import resolve_train_config
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -15,10 +16,6 @@ MAGS = sorted(float(m) for m in config["tiling"]["magnifications"])
 EXPERIMENTS = list(config["experiments"])
 SEEDS = [int(s) for s in config["train"]["seeds"]]
 STUDY_SEEDS = [int(s) for s in config["study"]["seeds"]]
-# experiments without a network to train: their "encoder" is built directly
-UNTRAINED_MODES = {"random_init", "color_stats", "external"}
-# ... and those that need no pretrain job at all (the embed step builds them)
-NO_PRETRAIN_MODES = {"color_stats", "external"}
 # fail at parse time, naming the key, on a misspelt train or experiment setting
 for _name, _exp in config["experiments"].items():
     resolve_train_config(config, {"name": _name, **_exp})
@@ -40,7 +37,7 @@ def manifest_source():
 def slide_ids(split=None):
     """Slide ids of the checked manifest (a checkpoint: known once it has run)."""
     path = checkpoints.manifest.get().output.manifest
-    table = pd.read_csv(path, sep="\t", dtype={"slide_id": str})
+    table = read_checked_manifest(path)
     if split:
         table = table[table["split"] == split]
     return list(table["slide_id"])
@@ -63,6 +60,11 @@ def experiment_settings(name):
     return {"mode": "mad", **config["experiments"][name]}
 
 
+def experiment_mode(name):
+    """The registry entry (madflow.modes) of an experiment's mode."""
+    return get_mode(config["experiments"][name].get("mode"))
+
+
 def embeddings(wildcards):
     return expand(
         f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/embeddings/{{slide_id}}.h5",
@@ -71,7 +73,7 @@ def embeddings(wildcards):
 
 
 def encoder_input(wildcards):
-    if experiment_settings(wildcards.experiment)["mode"] in NO_PRETRAIN_MODES:
+    if not experiment_mode(wildcards.experiment).pretrain_job:
         return []
     return f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/encoder.pt"
 
@@ -84,14 +86,14 @@ def train_logs(wildcards):
     return {
         e: f"{RESULTS}/{e}/seed{SEEDS[0]}/train_log.tsv"
         for e in EXPERIMENTS
-        if experiment_settings(e)["mode"] not in UNTRAINED_MODES
+        if experiment_mode(e).trains
     }
 
 
 def pretrain_launcher(wildcards, resources):
-    """torchrun with one process per GPU granted to the job, else plain python (always for the
-    supervised control, a small single-process calibration run)."""
+    """torchrun with one process per GPU granted to the job, where the mode can run under
+    DDP; else plain python (the supervised control is a small single-process run)."""
     gpus = int(resources.get("gpu", 0) or 0)
-    if gpus > 1 and experiment_settings(wildcards.experiment)["mode"] != "supervised":
+    if gpus > 1 and experiment_mode(wildcards.experiment).distributed:
         return f"torchrun --standalone --nproc_per_node={gpus}"
     return "python"

@@ -323,7 +323,7 @@ def test_same_mag_weight_mixes_plain_dino_batches(index):
 
 
 def test_unknown_train_settings_are_errors():
-    from madflow.train_config import resolve_train_config
+    from madflow.config import resolve_train_config
 
     cfg = tiny_cfg()
     assert resolve_train_config(cfg, {"same_mag_weight": [0.5, 0.1]})[1]["same_mag_weight"] == [0.5, 0.1]

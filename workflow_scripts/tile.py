@@ -1,15 +1,14 @@
 """Tile one slide: tile table (Parquet), CLAM/TRIDENT coords per magnification, QC image."""
 
-import pandas as pd
-
 from madflow.io import write_atomic
+from madflow.manifest import read_checked_manifest
 from madflow.runlog import setup
 from madflow.slides import mag_str
 from madflow.tiling import qc_image, tile_slide, write_coords_h5
 
 log = setup(snakemake.log[0])
 p = snakemake.params
-manifest = pd.read_csv(snakemake.input.manifest, sep="\t", dtype={"slide_id": str}, keep_default_na=False)
+manifest = read_checked_manifest(snakemake.input.manifest)
 slide = manifest.set_index("slide_id").loc[snakemake.wildcards.slide_id].to_dict()
 slide["slide_id"] = snakemake.wildcards.slide_id
 grid, thumb, thumb_ds, mask = tile_slide(slide, p.mags, p.tile_px, p.min_tissue)
