@@ -30,6 +30,11 @@ TRAIN_DEFAULTS = {
     # cross-scale modes: share of batches that are plain same-magnification DINO batches
     # (number, or [start, end] on a cosine over training)
     "same_mag_weight": 0.0,
+    # stage 2 starts from the encoder (backbone and DINO head) of this experiment (stage 1)
+    "init": None,
+    # multi-crop (mode dino): area shares of the global and the n_local local crops
+    "global_crop_scale": [0.5, 1.0],
+    "local_crop_scale": [0.1, 0.4],
     "checkpoint_every": 50,
     "num_workers": 1,
     "hed_jitter": 0.05,        # HED stain jitter: scale U(1-h, 1+h), shift U(-h, h) per stain
@@ -61,6 +66,12 @@ def resolve_train_config(cfg: dict, experiment: dict) -> tuple[Mode, dict, dict]
         if unknown:
             raise ValueError(f"experiment {experiment.get('name', '')!r}: unknown setting(s) {unknown}; "
                              f"an experiment may set mode, model and any train setting {sorted(known)}")
+    init = experiment.get("init", (cfg.get("train") or {}).get("init"))
+    if init is not None and mode.trains:
+        others = cfg.get("experiments") or {}
+        if init == experiment.get("name") or init not in others or not get_mode(others[init].get("mode")).trains:
+            raise ValueError(f"experiment {experiment.get('name', '')!r}: init {init!r} must name another "
+                             f"experiment that trains a network")
     train_cfg = copy.deepcopy(TRAIN_DEFAULTS)
     train_cfg.update(copy.deepcopy(cfg.get("train") or {}))
     for key, value in experiment.items():

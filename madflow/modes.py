@@ -17,7 +17,8 @@ class Mode:
 
     objective   training objective (a step function in madflow.train.steps), None = no training
     groups      how batches are grouped: "pairs" (one a->b pair per batch, drawn by the
-                `pairs` weights), "mags" (one magnification per batch), "chain" (a->b->c)
+                `pairs` weights), "mags" (one magnification per batch), "chain" (a->b->c),
+                "pooled" (tiles of every magnification mixed in each batch)
     sampler     which rows a batch holds (madflow.data.sampling.SAMPLERS)
     student     what the student views are: "children" (native tiles of the sampled rows),
                 "parent_crops" (the parent's sub-squares upsampled), "parent" (the parent
@@ -60,6 +61,8 @@ MODES: dict[str, Mode] = {
              "parent -> its own crops, upsampled"),
         Mode("tri", "dino", "chain", "aligned", "children", "trained", True,
              "2.5 -> 10 -> 40 chains in one example"),
+        Mode("dino", "dino", "pooled", "pooled", "multicrop", "trained", True,
+             "stage 1: DINO multi-crop on every magnification"),
         Mode("supervised", "supervised", "mags", "labelled", None, "trained", False,
              "positive control, trained with labels"),
         Mode("random_init", None, None, None, None, "trained", False, "untrained network (floor)"),

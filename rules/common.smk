@@ -65,6 +65,23 @@ def experiment_mode(name):
     return get_mode(config["experiments"][name].get("mode"))
 
 
+def experiment_train_config(name):
+    """An experiment's resolved training settings (defaults, `train:`, its overrides)."""
+    return resolve_train_config(config, {"name": name, **config["experiments"][name]})[1]
+
+
+def init_encoder(wildcards):
+    """The encoder an experiment starts from (its `init` experiment, same seed), or none."""
+    init = experiment_train_config(wildcards.experiment).get("init")
+    if not init or not experiment_mode(wildcards.experiment).trains:
+        return []
+    return f"{RESULTS}/{init}/seed{wildcards.seed}/encoder.pt"
+
+
+def init_argument(wildcards, input):
+    return f"--init {input.init}" if input.init else ""
+
+
 def embeddings(wildcards):
     return expand(
         f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/embeddings/{{slide_id}}.h5",

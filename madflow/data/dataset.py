@@ -3,6 +3,7 @@ augmented, one ready batch per step (a pure function of seed, step and rank)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -40,6 +41,40 @@ def interp_views(parent_px: torch.Tensor, parent_rows: pd.DataFrame, child_rows:
 
 
 
+@dataclass
+class MultiCrop:
+    """DINO's multi-crop: ``n_global`` random-resized crops covering ``global_scale`` of the
+    tile's area and ``n_local`` covering ``local_scale``, each resized back to the tile's
+    side (bilinear, torchvision's roi_align), aspect ratio log-uniform in [3/4, 4/3]."""
+
+    n_global: int = 2
+    n_local: int = 4
+    global_scale: tuple = (0.5, 1.0)
+    local_scale: tuple = (0.1, 0.4)
+
+    def boxes(self, n_tiles: int, size: int, rng: np.random.Generator) -> np.ndarray:
+        """[n_tiles * (n_global + n_local), 5] boxes (tile index, x0, y0, x1, y1) in pixels."""
+        views = self.n_global + self.n_local
+        scale = np.concatenate([rng.uniform(*self.global_scale, size=(n_tiles, self.n_global)),
+                                rng.uniform(*self.local_scale, size=(n_tiles, self.n_local))], axis=1)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), size=(n_tiles, views)))
+        w = np.minimum(np.sqrt(scale * ratio), 1.0) * size
+        h = np.minimum(np.sqrt(scale / ratio), 1.0) * size
+        x0 = rng.random((n_tiles, views)) * (size - w)
+        y0 = rng.random((n_tiles, views)) * (size - h)
+        tile = np.repeat(np.arange(n_tiles)[:, None], views, axis=1)
+        return np.stack([tile, x0, y0, x0 + w, y0 + h], axis=-1).reshape(-1, 5)
+
+    def __call__(self, tiles: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """float [N, 3, T, T] -> [N, n_global + n_local, 3, T, T] (globals first)."""
+        from torchvision.ops import roi_align
+
+        N, _, T, _ = tiles.shape
+        boxes = torch.as_tensor(self.boxes(N, T, rng), dtype=tiles.dtype)
+        crops = roi_align(tiles, boxes, output_size=(T, T), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        return crops.reshape(N, self.n_global + self.n_local, 3, T, T)
+
+
 def _default_reader_factory(path: str):
     from madflow.slides import SlideReader
 
@@ -63,7 +98,8 @@ class MADBatchDataset(IterableDataset):
                  seed: int, total_steps: int, start_step: int = 0, rank: int = 0,
                  parent_view: bool = True, augmenter: Augmenter | None = None,
                  reader_factory: Callable[[str], object] | None = None,
-                 same_mag_weight: Sequence[float] | None = None):
+                 same_mag_weight: Sequence[float] | None = None,
+                 crops: MultiCrop | None = None):
         super().__init__()
         spec = get_mode(mode)
         if not spec.trains:
@@ -82,8 +118,9 @@ class MADBatchDataset(IterableDataset):
                 if not len(index.labelled_rows(float(g))):
                     raise ValueError(f"mode {spec.name} needs labelled tiles at {g}x "
                                      f"(label purity >= {index.min_purity}); the tile tables have none")
-            elif spec.groups == "mags":
-                index.rows_at(float(g))
+            elif spec.groups in ("mags", "pooled"):
+                for m in g.split("+"):
+                    index.rows_at(float(m))
             else:
                 index.eligible(parse_pair(g), n_local)
         for g in self.same_mag_groups:
@@ -99,6 +136,7 @@ class MADBatchDataset(IterableDataset):
         self.reader_factory = reader_factory or _default_reader_factory
         self._readers: dict = {}
         self.tile_px = index.tile_px
+        self.crops = crops if crops is not None else MultiCrop(n_local=n_local)
 
     # -- rng streams --------------------------------------------------------------------
     def group_for_step(self, step: int) -> tuple[str, str]:
@@ -162,16 +200,24 @@ class MADBatchDataset(IterableDataset):
 
     def batch_for_step(self, step: int) -> dict:
         rows = self.rows_for_step(step)
-        teacher, student = self.raw_views(rows)
-        B, V = student.shape[:2]
-        T = self.tile_px
         arng = np.random.default_rng([self.seed, int(step), self.rank, 1])
-        allv = self.augmenter(torch.cat([teacher, student.reshape(B * V, 3, T, T)]), arng)
+        T = self.tile_px
+        if MODES[rows["mode"]].student == "multicrop":
+            # the teacher sees the student's global crops, augmented once
+            views = self.crops(self.read_rows(rows["parents"]), arng)
+            B, V = views.shape[:2]
+            student = self.augmenter(views.reshape(B * V, 3, T, T), arng).reshape(B, V, 3, T, T)
+            teacher = student[:, :self.crops.n_global]
+        else:
+            teacher, student = self.raw_views(rows)
+            B, V = student.shape[:2]
+            allv = self.augmenter(torch.cat([teacher, student.reshape(B * V, 3, T, T)]), arng)
+            teacher, student = allv[:B], allv[B:].reshape(B, V, 3, T, T)
         return {
             "step": int(step),
             "group": rows["group"],
-            "teacher": allv[:B].contiguous(),
-            "student": allv[B:].reshape(B, V, 3, T, T).contiguous(),
+            "teacher": teacher.contiguous(),
+            "student": student.contiguous(),
             "parents": torch.from_numpy(rows["parents"]),
             "children": torch.from_numpy(rows["children"]),
         }

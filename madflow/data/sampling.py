@@ -8,6 +8,7 @@ step's batch is a function of (seed, step, rank) alone (nothing to checkpoint). 
   shuffled   the descendants of a random other parent (another slide whenever there is one)
   same_tile  the tile itself at every view (two augmented views of one tile)
   labelled   n_parents * (n_local + 1) labelled tiles at one magnification, no children
+  pooled     n_parents tiles, each at a magnification drawn uniformly among the pairs' ones
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def group_weights(mode: Mode | str, pairs: dict, chain: Sequence[float] | None =
             for m in mags:
                 out[mag_str(m)] = out.get(mag_str(m), 0.0) + weight / len(mags)
         return out
+    if mode.groups == "pooled":
+        return {"+".join(sorted(group_weights("same_mag", pairs), key=float)): 1.0}
     if mode.groups == "chain":
         if chain is None:
             chain = sorted({m for pair in weights for m in parse_pair(pair)})
@@ -84,6 +87,19 @@ def _same_tile(index: TileIndex, group: str, n_parents: int, n_local: int, rng) 
     rows = index.rows_at(float(group))
     parents = rows[_choose(rng, len(rows), n_parents)]
     return parents, np.repeat(parents[:, None], n_local, axis=1)
+
+
+def _pooled(index: TileIndex, group: str, n_parents: int, n_local: int, rng) -> tuple:
+    """Tiles of every magnification of ``group`` ("2.5+10+40"), mixed in one batch: each
+    tile's magnification drawn uniformly, then the tile uniformly at it."""
+    mags = [float(m) for m in group.split("+")]
+    which = rng.integers(len(mags), size=n_parents)
+    tiles = np.empty(n_parents, dtype=np.int64)
+    for k, m in enumerate(mags):
+        sel = np.flatnonzero(which == k)
+        rows = index.rows_at(m)
+        tiles[sel] = rows[_choose(rng, len(rows), len(sel))]
+    return tiles, np.empty((n_parents, 0), dtype=np.int64)
 
 
 def _chain(group: str, sampler: str) -> tuple[float, ...]:
@@ -131,7 +147,8 @@ def _shuffled(index: TileIndex, group: str, n_parents: int, n_local: int, rng) -
     return parents, _descendants_of(rels, donor_pos, n_local, rng)
 
 
-SAMPLERS = {"aligned": _aligned, "shuffled": _shuffled, "same_tile": _same_tile, "labelled": _labelled}
+SAMPLERS = {"aligned": _aligned, "shuffled": _shuffled, "same_tile": _same_tile, "labelled": _labelled,
+            "pooled": _pooled}
 
 
 def sample_batch(index: TileIndex, mode: Mode | str, group: str, n_parents: int, n_local: int,

@@ -29,7 +29,7 @@ def _write_geojson(P: SlideModel, path: Path):
 
 
 # --------------------------------------------------------------------------- public API
-def make_slide(path, seed: int, size: int = 4096, *, labels_path=None) -> dict:
+def make_slide(path, seed: int, size: int = 4096, *, labels_path=None, variant: str = "shared") -> dict:
     """Write one synthetic Aperio slide at `path` (and its GeoJSON at `labels_path`).
 
     Returns a small summary: seed, size, stain parameters, tissue fraction and per-class
@@ -37,7 +37,7 @@ def make_slide(path, seed: int, size: int = 4096, *, labels_path=None) -> dict:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    P = SlideModel(seed, size)
+    P = SlideModel(seed, size, variant)
     lut, cache = calibrate(P, keep=size <= 4096)
     bands = dict(tile_bands(size))
 
@@ -58,7 +58,7 @@ def make_slide(path, seed: int, size: int = 4096, *, labels_path=None) -> dict:
              for c, name in enumerate(CLASSES)}
     return {
         "path": str(path), "labels": str(labels_path) if labels_path else None,
-        "seed": int(seed), "size": int(size),
+        "seed": int(seed), "size": int(size), "variant": variant,
         "stain": {"h_vector": [round(float(v), 4) for v in P.vh],
                   "e_vector": [round(float(v), 4) for v in P.ve],
                   "h_scale": round(P.sh, 4), "e_scale": round(P.se, 4),
@@ -73,12 +73,12 @@ def slide_seed(seed: int, k: int) -> int:
 
 
 def _make_one(args):
-    path, seed, size, labels = args
-    return make_slide(path, seed, size, labels_path=labels)
+    path, seed, size, labels, variant = args
+    return make_slide(path, seed, size, labels_path=labels, variant=variant)
 
 
 def make_demo(outdir, n_slides: int, size: int, seed: int, n_test: int, *,
-              workers: int | None = None) -> Path:
+              workers: int | None = None, variant: str = "shared") -> Path:
     """Write `n_slides` slides + GeoJSON and `manifest.tsv` (slide_id, path, labels, split).
 
     Slide k uses seed `slide_seed(seed, k)`; the test slides are a seeded draw of `n_test`
@@ -91,7 +91,7 @@ def make_demo(outdir, n_slides: int, size: int, seed: int, n_test: int, *,
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B17]))
     test = set(rng.choice(n_slides, n_test, replace=False).tolist()) if n_test else set()
     jobs = [(outdir / f"slide_{k:02d}.svs", slide_seed(seed, k), size,
-             outdir / f"slide_{k:02d}.geojson") for k in range(n_slides)]
+             outdir / f"slide_{k:02d}.geojson", variant) for k in range(n_slides)]
     if workers is None:
         try:
             workers = len(os.sched_getaffinity(0))
@@ -125,8 +125,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-test", type=int, default=4)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--variant", default="shared", help="shared | confusers")
     a = ap.parse_args(argv)
-    print(make_demo(a.outdir, a.n_slides, a.size, a.seed, a.n_test, workers=a.workers))
+    print(make_demo(a.outdir, a.n_slides, a.size, a.seed, a.n_test, workers=a.workers, variant=a.variant))
 
 
 if __name__ == "__main__":

@@ -113,12 +113,27 @@ def _smoothstep(a, b, x):
 
 
 # --------------------------------------------------------------------------- slide params
+# Benchmark variants. "shared": each class keeps its identity across scales through
+# structure (no look-alikes between scales), and cells are small enough (cell_scale) that a
+# 16 um 40x field of the demo's 64 px tiles holds several of them. "confusers": the hard
+# variant, in which each class resembles another class at the next scale (tumour nuclei at
+# 40x, lymphoid micro-aggregates at 10x and necrotic debris clumps at 2.5x are dark round
+# blobs of the same pixel size) and nuclei are 8-13 um.
+VARIANTS = {"shared": {"cell_scale": 0.6, "confusers": False},
+            "confusers": {"cell_scale": 1.0, "confusers": True}}
+
+
 class SlideModel:
     """All per-slide random parameters, drawn once from the seed."""
 
-    def __init__(self, seed: int, size: int):
+    def __init__(self, seed: int, size: int, variant: str = "shared"):
         if size % TILE or size < TILE:
             raise ValueError(f"size must be a positive multiple of {TILE}, got {size}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown demo variant {variant!r}; known: {sorted(VARIANTS)}")
+        self.variant = variant
+        self.cell_scale = VARIANTS[variant]["cell_scale"]
+        self.confusers = VARIANTS[variant]["confusers"]
         self.seed = int(seed)
         self.size = int(size)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x5EED]))
@@ -132,7 +147,7 @@ class SlideModel:
         self.fibre_dir = float(rng.uniform(0, np.pi))
         self.fibre_lambda = _um(3.2) * j()
         self.bundle_lambda = _um(45) * j()
-        self.nuc_scale = [j(0.9, 1.1) for _ in CLASSES]
+        self.nuc_scale = [j(0.9, 1.1) * self.cell_scale for _ in CLASSES]
         # stain variation (applied after the per-class rank transform)
         vh = np.clip(_VH + rng.normal(0, 0.08, 3), 0.02, None)
         ve = np.clip(_VE + rng.normal(0, 0.08, 3), 0.02, None)
@@ -226,13 +241,15 @@ class SlideModel:
             ra = _um(16) + _um(8) * a1             # 32-48 um aggregates (10x confuser)
             agg = 1 - _smoothstep(ra - _um(3), ra + _um(3), d2)
             base = 0.8 + 0.2 * foll * (1 - gc) - 0.25 * gc
-            dens = base * (0.5 + 0.5 * agg)
+            dens = base * (0.5 + 0.5 * agg) if self.confusers else 0.6 * base
             ecm = 0.28 + 0.25 * gc
         else:  # necrosis: geographic debris clumps (2.5x confuser) in granular eosin
             dj = _um(25) * (_fbm(X, Y, _um(40), k + 7, 2) - 0.5) * 2
             d, h1, _ = _worley(X, Y, self.clump_sp, k, 0.8)
             rc = _um(55) + _um(35) * h1
             clump = 1 - _smoothstep(rc - _um(10), rc + _um(10), d + dj)
+            if not self.confusers:  # debris spread evenly, no clumps
+                clump = 0.3 * _fbm(X, Y, _um(40), k + 9, 2)
             dens = 0.12 + 0.88 * clump
             ecm = 0.75 - 0.3 * clump
         return np.asarray(dens, np.float32), np.asarray(ecm, np.float32)
@@ -400,7 +417,7 @@ def _render_rect(P: SlideModel, x0, y0, w, h):
     M = 48
     H = np.zeros((h + 2 * M, w + 2 * M), np.float32)
     for bank_id, spacing_um, jit, c in _PROCS:
-        s = _um(spacing_um)
+        s = _um(spacing_um * P.cell_scale)
         i0, i1 = int(np.floor((x0 - M) / s)), int(np.floor((x0 + w + M) / s))
         j0, j1 = int(np.floor((y0 - M) / s)), int(np.floor((y0 + h + M) / s))
         ix, iy = np.meshgrid(np.arange(i0, i1 + 1), np.arange(j0, j1 + 1))

@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--init", default=None, help="encoder file to start from (the experiment's init)")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (testing)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     if args.experiment not in experiments:
         parser.error(f"experiment {args.experiment!r} not in config (have {sorted(experiments)})")
     summary = train(cfg, experiments[args.experiment] or {}, args.tables, args.out, args.seed, device=args.device,
-                    experiment_name=args.experiment, stop_after=args.stop_after)
+                    experiment_name=args.experiment, stop_after=args.stop_after, init_path=args.init)
     if int(os.environ.get("RANK", "0")) == 0:
         log.info("done: %s", {k: v for k, v in summary.items() if k not in ("last", "model")})
     return 0

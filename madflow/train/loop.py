@@ -15,7 +15,7 @@ import torch
 
 from madflow.config import resolve_train_config
 from madflow.data.augment import Augmenter
-from madflow.data.dataset import MADBatchDataset
+from madflow.data.dataset import MADBatchDataset, MultiCrop
 from madflow.data.index import TileIndex, load_tables
 from madflow.model import MADModel, backbone_dim, save_encoder
 from madflow.modes import Mode
@@ -73,17 +73,21 @@ def _save_untrained(mode: Mode, model_cfg: dict, train_cfg: dict, img_size: int,
 
 def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: int,
           device: str = "auto", experiment_name: str | None = None, stop_after: int | None = None,
-          reader_factory=None) -> dict:
+          reader_factory=None, init_path: str | None = None) -> dict:
     """Train one experiment and write ``out_dir/encoder.pt``, ``out_dir/train_log.tsv`` and
     ``out_dir/checkpoints/last.pt``. Returns a small summary dict.
 
     ``stop_after``: stop once that many steps are done, without the final checkpoint or
     encoder (simulates a kill; used by tests). ``reader_factory``: path -> reader with
-    ``read_tiles(df)`` (default ``madflow.slides.SlideReader``)."""
+    ``read_tiles(df)`` (default ``madflow.slides.SlideReader``). ``init_path``: the encoder
+    file of the experiment named by the ``init`` setting (stage 2 starts from stage 1)."""
     if not logging.getLogger().handlers:  # called as a library without logging set up
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mode, train_cfg, model_cfg = resolve_train_config(cfg, experiment)
+    if mode.trains and bool(train_cfg.get("init")) != bool(init_path):
+        raise ValueError(f"experiment {experiment_name!r}: init {train_cfg.get('init')!r} needs the encoder file of "
+                         f"that experiment (init_path / --init), and an init_path needs an init setting")
     if stop_after is None:
         stop_after = train_cfg.get("stop_after")
     world, rank, dev = setup_distributed(device)
@@ -101,6 +105,9 @@ def train(cfg: dict, experiment: dict, tables: list[str], out_dir: str, seed: in
                         index.tile_px, img_size, index.tile_px)
             img_size = index.tile_px
         run = _Run(mode, train_cfg, model_cfg, index, img_size, out_dir, seed, dev, world, rank, experiment_name)
+        if init_path:
+            run.objective.load_init(init_path)
+            log.info("starting from %s (init: %s)", init_path, train_cfg["init"])
         summary = run.fit(stop_after, reader_factory)
     else:
         summary = _save_untrained(mode, model_cfg, train_cfg, img_size, out_dir, experiment_name, seed, is_main)
@@ -170,7 +177,9 @@ class _Run:
             self.index, self.mode.name, cfg["pairs"], max(1, batch_parents // self.world), int(cfg["n_local"]),
             self.seed, self.total, start_step=start, rank=self.rank, parent_view=bool(cfg["parent_view"]),
             augmenter=augmenter(cfg), reader_factory=reader_factory,
-            same_mag_weight=cosine_setting(cfg, "same_mag_weight", self.total))
+            same_mag_weight=cosine_setting(cfg, "same_mag_weight", self.total),
+            crops=MultiCrop(n_local=int(cfg["n_local"]), global_scale=tuple(cfg["global_crop_scale"]),
+                            local_scale=tuple(cfg["local_crop_scale"])))
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=int(cfg.get("num_workers") or 0),
                                              pin_memory=self.dev.type == "cuda", persistent_workers=False)
         return dataset, loader
@@ -226,7 +235,7 @@ class _Run:
             backbone, which = self.objective.encoder()
             meta = encoder_meta(self.model_cfg, self.img_size, self.experiment_name, self.mode, self.seed,
                                 self.total, backbone, self.train_cfg["tile_norm"])
-            save_encoder(self.encoder_path, backbone, {**meta, **which})
+            save_encoder(self.encoder_path, backbone, {**meta, **which}, head=self.objective.head())
             reason = self.objective.collapse_reason(stats) if stats else None
             if reason:
                 log.warning("training ended looking collapsed: %s", reason)

@@ -81,8 +81,20 @@ class DINOObjective:
         self.student = DDP(self.model.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def train_mode(self) -> None:
+        """Student in train mode; the teacher in eval mode as in DINOv2, unless its head has
+        batch norm, whose statistics then come from the teacher's own batch (DINO)."""
         self.model.student.train()
-        self.model.teacher.train()
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.teacher.modules())
+        self.model.teacher.train(has_bn)
+
+    def load_init(self, path: str) -> None:
+        """Start from another experiment's encoder (stage 2 from stage 1): its backbone, and
+        its DINO head when the file holds one, in both student and teacher."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for net in (self.model.student, self.model.teacher):
+            net.backbone.load_state_dict(state["state_dict"])
+            if state.get("head_state_dict") is not None:
+                net.head.load_state_dict(state["head_state_dict"])
 
     def state_dict(self) -> dict:
         return {"student": self.model.student.state_dict(), "teacher": self.model.teacher.state_dict(),
@@ -95,8 +107,13 @@ class DINOObjective:
         self.loss.load_state_dict(state["loss"])
 
     def encoder(self) -> tuple[torch.nn.Module, dict]:
-        """The backbone that becomes the encoder, and what the encoder file says of it."""
-        return self.model.teacher.backbone, {"which": "teacher_backbone"}
+        """The backbone that becomes the encoder, and what the encoder file says of it: the
+        share of the teacher's weights still from its start (product of the EMA momenta)."""
+        return self.model.teacher.backbone, {"which": "teacher_backbone",
+                                             "teacher_initial_share": float(np.prod(self.momentum))}
+
+    def head(self) -> torch.nn.Module:
+        return self.model.teacher.head
 
     def step(self, batch: dict, step: int) -> dict:
         """One optimisation step and one EMA update of the teacher; -> this step's statistics."""
@@ -105,7 +122,10 @@ class DINOObjective:
         B, V = student_in.shape[:2]
         with self.autocast:
             with torch.no_grad():
-                teacher_out = self.model.teacher(teacher_in)
+                if teacher_in.dim() == 5:  # several teacher views (multi-crop): [B, G, K] out
+                    teacher_out = self.model.teacher(teacher_in.flatten(0, 1)).view(B, teacher_in.shape[1], -1)
+                else:
+                    teacher_out = self.model.teacher(teacher_in)
             features, student_out = self.student(student_in.flatten(0, 1), return_features=True)
         student_out = student_out.float().view(B, V, -1)
         loss = self.loss(student_out, teacher_out.float(), step)
@@ -189,8 +209,15 @@ class SupervisedObjective:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
 
+    def load_init(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.backbone.load_state_dict(state["state_dict"])
+
     def encoder(self) -> tuple[torch.nn.Module, dict]:
         return self.backbone, {"which": "backbone", "classes": self.classes}
+
+    def head(self) -> None:
+        return None
 
     def step(self, batch: dict, step: int) -> dict:
         logits = self.net(batch["teacher"].to(self.device))
