@@ -9,7 +9,7 @@ import copy
 from madflow.modes import Mode, get_mode
 
 TRAIN_DEFAULTS = {
-    "steps": 200,
+    "steps": 400,
     "batch_parents": 32,
     "n_local": 4,
     "pairs": {"2.5->10": 0.5, "10->40": 0.5},
@@ -19,14 +19,14 @@ TRAIN_DEFAULTS = {
     "weight_decay": [0.04, 0.2],
     "clip_grad": 3.0,
     "freeze_last_layer_steps": 20,
-    "momentum": [0.99, 1.0],
-    "teacher_temp": [0.02, 0.03],
+    "momentum": [0.994, 1.0],
+    "teacher_temp": [0.04, 0.07],
     "teacher_temp_warmup_frac": 0.3,
     "student_temp": 0.1,
     "center_momentum": 0.9,
     "koleo_weight": 0.0,
     # the student also sees an augmented view of the parent (DINO's global-global term)
-    "parent_view": False,
+    "parent_view": True,
     # cross-scale modes: share of batches that are plain same-magnification DINO batches
     # (number, or [start, end] on a cosine over training)
     "same_mag_weight": 0.0,

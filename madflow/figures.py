@@ -47,8 +47,8 @@ __all__ = [
 # fixed colours for the named experiments (SPEC section 9), so a figure never recolours
 # an experiment because another one was added or removed
 _KNOWN_EXPERIMENTS = ["mad", "same_mag", "shuffled", "interp", "pair_10_40", "tri",
-                      "random_init", "color_stats", "supervised"]
-_BASE = [to_hex(c) for c in sns.color_palette("tab10", 10)]
+                      "random_init", "color_stats", "supervised", "base", "same_mag_scratch"]
+_BASE = [to_hex(c) for c in sns.color_palette("tab10", 10)] + ["#393b79"]
 _EXTRA = [to_hex(c) for c in sns.color_palette("tab20b", 20)] + \
     [to_hex(c) for c in sns.color_palette("tab20c", 20)]
 _MAG_COLOURS = {"2.5": "#1b9e77", "10": "#d95f02", "40": "#7570b3", "20": "#e7298a",

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+
+import psutil
 
 
 def setup(log_path: str) -> logging.Logger:
@@ -13,4 +16,12 @@ def setup(log_path: str) -> logging.Logger:
     sys.stderr = stream
     logging.basicConfig(stream=stream, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.captureWarnings(True)
-    return logging.getLogger("madflow")
+    log = logging.getLogger("madflow")
+    log_startup(log)
+    return log
+
+
+def log_startup(log: logging.Logger) -> None:
+    """Log the job's start-up cost (interpreter start and imports, until now), which the
+    demo's profile (bench/profile_demo.py) counts as per-job overhead."""
+    log.info("startup %.2f s (interpreter start and imports)", time.time() - psutil.Process().create_time())

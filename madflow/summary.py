@@ -30,12 +30,18 @@ def seed_summary(table: pd.DataFrame) -> dict:
 
 #: (column, metric, scope) of the one-row-per-experiment summary
 SUMMARY_METRICS = [
+    ("BA(10->10)", "probe_ba", "10->10"),
     ("BA(10->40)", "probe_ba", "10->40"),
+    ("BA(40->40)", "probe_ba", "40->40"),
+    ("BA(2.5->40)", "probe_ba", "2.5->40"),
     ("R(10->40)", "retention", "10->40"),
     ("Rcc(10->40)", "retention_cc", "10->40"),
     ("R(2.5->40)", "retention", "2.5->40"),
     ("Rcc(2.5->40)", "retention_cc", "2.5->40"),
     ("AMI(global)", "ami", "global"),
+    ("AMI(2.5)", "ami", "2.5"),
+    ("AMI(10)", "ami", "10"),
+    ("AMI(40)", "ami", "40"),
     ("DBI(global)", "dbi", "global"),
     ("mag_leakage", "mag_leakage", "global"),
     ("Δhier(2.5->10)", "delta_hier", "2.5->10"),
@@ -86,3 +92,35 @@ def summary_table(tidy_dfs: Sequence[pd.DataFrame] | pd.DataFrame, formatted: bo
                 row[f"{col} sd"] = sd
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# The benchmark's own checks, fixed before MAD's numbers are looked at: the floors at chance,
+# single-scale self-supervision that does not transfer, a labelled control that does.
+# (experiment, column, test, threshold); a test is "within" (|value - chance| <= threshold),
+# "at_most" or "at_least".
+BENCHMARK_CHECKS = [
+    ("color_stats", "BA(10->40)", "within", 0.1),
+    ("random_init", "BA(10->40)", "within", 0.1),
+    ("same_mag_scratch", "Rcc(10->40)", "at_most", 0.5),
+    ("supervised", "Rcc(10->40)", "at_least", 0.8),
+]
+
+
+def benchmark_checks(summary: pd.DataFrame, n_classes: int) -> pd.DataFrame:
+    """One row per check whose experiment is in the summary: value, bound, pass."""
+    chance = 1.0 / n_classes
+    rows = []
+    for experiment, column, test, threshold in BENCHMARK_CHECKS:
+        row = summary[summary["experiment"] == experiment]
+        if row.empty:
+            continue
+        value = float(row[column].iloc[0])
+        if test == "within":
+            ok, bound = abs(value - chance) <= threshold, f"|x - {chance:.3f}| <= {threshold}"
+        elif test == "at_most":
+            ok, bound = value <= threshold, f"<= {threshold}"
+        else:
+            ok, bound = value >= threshold, f">= {threshold}"
+        rows.append({"experiment": experiment, "metric": column, "value": value, "check": bound,
+                     "passed": bool(ok) if np.isfinite(value) else False})
+    return pd.DataFrame(rows, columns=["experiment", "metric", "value", "check", "passed"])

@@ -24,6 +24,7 @@ for _name, _exp in config["experiments"].items():
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS),
     seed=r"\d+",
+    part=r"\d+",
     slide_id=r"[^/]+",
 
 
@@ -67,7 +68,9 @@ def experiment_mode(name):
 
 def experiment_train_config(name):
     """An experiment's resolved training settings (defaults, `train:`, its overrides)."""
-    return resolve_train_config(config, {"name": name, **config["experiments"][name]})[1]
+    return resolve_train_config(config, {"name": name, **config["experiments"][name]})[
+        1
+    ]
 
 
 def init_encoder(wildcards):
@@ -82,10 +85,24 @@ def init_argument(wildcards, input):
     return f"--init {input.init}" if input.init else ""
 
 
+def embed_parts():
+    """Slide ids per embed job: every slide, in manifest order, in parts of
+    `embed.slides_per_job` (one job loads the encoder once for all its slides)."""
+    ids = slide_ids()
+    size = int(config["embed"].get("slides_per_job", 16))
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def part_tables(wildcards):
+    ids = embed_parts()[int(wildcards.part)]
+    return expand(f"{RESULTS}/tiles/{{slide_id}}.parquet", slide_id=ids)
+
+
 def embeddings(wildcards):
+    """The embed jobs' output folders of one experiment and seed (one per part)."""
     return expand(
-        f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/embeddings/{{slide_id}}.h5",
-        slide_id=slide_ids(),
+        f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/embeddings/part{{part}}",
+        part=range(len(embed_parts())),
     )
 
 
@@ -93,6 +110,16 @@ def encoder_input(wildcards):
     if not experiment_mode(wildcards.experiment).pretrain_job:
         return []
     return f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/encoder.pt"
+
+
+def run_files(name, seeds):
+    """A pretrain output of every experiment that has a pretrain job, for every seed."""
+    return [
+        f"{RESULTS}/{e}/seed{s}/{name}"
+        for e in EXPERIMENTS
+        if experiment_mode(e).pretrain_job
+        for s in seeds
+    ]
 
 
 def seed_metrics(experiment, seeds):

@@ -11,6 +11,8 @@ rule evaluate:
         delta_hier=f"{RESULTS}/{{experiment}}/seed{{seed}}/delta_hier.parquet",
     log:
         f"{RESULTS}/logs/evaluate/{{experiment}}_seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{experiment}}_seed{{seed}}.tsv"
     conda:
         "../envs/madflow.yaml"
     threads: 2
@@ -31,6 +33,8 @@ rule experiment_metrics:
         summary=f"{RESULTS}/{{experiment}}/metrics.json",
     log:
         f"{RESULTS}/logs/experiment_metrics/{{experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/experiment_metrics/{{experiment}}.tsv"
     conda:
         "../envs/madflow.yaml"
     script:
@@ -40,14 +44,24 @@ rule experiment_metrics:
 rule summary:
     input:
         metrics=expand(f"{RESULTS}/{{experiment}}/metrics.tsv", experiment=EXPERIMENTS),
+        evaluations=[f"{RESULTS}/{e}/seed{SEEDS[0]}/metrics.json" for e in EXPERIMENTS],
+        cues=run_files("cross_scale_cue.tsv", SEEDS),
     output:
         summary=report(
             f"{RESULTS}/summary.tsv",
             caption="../report/summary.rst",
             category="0. Summary",
         ),
+        checks=report(
+            f"{RESULTS}/benchmark_checks.tsv",
+            caption="../report/checks.rst",
+            category="0. Summary",
+        ),
+        cues=f"{RESULTS}/cross_scale_cue.tsv",
     log:
         f"{RESULTS}/logs/summary.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/summary/summary.tsv"
     conda:
         "../envs/madflow.yaml"
     script:
@@ -57,8 +71,14 @@ rule summary:
 rule multiseed_summary:
     input:
         metrics=[m for e in EXPERIMENTS for m in seed_metrics(e, STUDY_SEEDS)],
+        evaluations=[
+            f"{RESULTS}/{e}/seed{STUDY_SEEDS[0]}/metrics.json" for e in EXPERIMENTS
+        ],
+        cues=run_files("cross_scale_cue.tsv", STUDY_SEEDS),
     output:
         summary=f"{RESULTS}/multiseed/summary.tsv",
+        checks=f"{RESULTS}/multiseed/benchmark_checks.tsv",
+        cues=f"{RESULTS}/multiseed/cross_scale_cue.tsv",
     log:
         f"{RESULTS}/logs/multiseed_summary.log",
     conda:

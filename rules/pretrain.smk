@@ -3,6 +3,8 @@ rule experiment_config:
         config=f"{RESULTS}/{{experiment}}/config.json",
     log:
         f"{RESULTS}/logs/experiment_config/{{experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/experiment_config/{{experiment}}.tsv"
     conda:
         "../envs/madflow.yaml"
     params:
@@ -19,6 +21,7 @@ rule pretrain:
     output:
         encoder=f"{RESULTS}/{{experiment}}/seed{{seed}}/encoder.pt",
         train_log=f"{RESULTS}/{{experiment}}/seed{{seed}}/train_log.tsv",
+        cue=f"{RESULTS}/{{experiment}}/seed{{seed}}/cross_scale_cue.tsv",
     log:
         f"{RESULTS}/logs/pretrain/{{experiment}}_seed{{seed}}.log",
     benchmark:
@@ -40,15 +43,17 @@ rule pretrain:
 
 rule embed:
     input:
-        table=f"{RESULTS}/tiles/{{slide_id}}.parquet",
+        tables=part_tables,
         config=f"{RESULTS}/{{experiment}}/config.json",
         encoder=encoder_input,
     output:
-        embeddings=f"{RESULTS}/{{experiment}}/seed{{seed}}/embeddings/{{slide_id}}.h5",
+        embeddings=directory(
+            f"{RESULTS}/{{experiment}}/seed{{seed}}/embeddings/part{{part}}"
+        ),
     log:
-        f"{RESULTS}/logs/embed/{{experiment}}_seed{{seed}}_{{slide_id}}.log",
+        f"{RESULTS}/logs/embed/{{experiment}}_seed{{seed}}_part{{part}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/embed/{{experiment}}_seed{{seed}}_{{slide_id}}.tsv"
+        f"{RESULTS}/benchmarks/embed/{{experiment}}_seed{{seed}}_part{{part}}.tsv"
     conda:
         "../envs/madflow.yaml"
     threads: 1

@@ -52,6 +52,8 @@ rule figures:
         ),
     log:
         f"{RESULTS}/logs/figures.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/figures/figures.tsv"
     conda:
         "../envs/madflow.yaml"
     params:

@@ -3,6 +3,8 @@ rule demo_slides:
         manifest=f"{RESULTS}/demo/manifest.tsv",
     log:
         f"{RESULTS}/logs/demo_slides.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/demo_slides/demo.tsv"
     conda:
         "../envs/madflow.yaml"
     threads: 2
@@ -21,6 +23,8 @@ checkpoint manifest:
         rejected=f"{RESULTS}/manifest_rejected.tsv",
     log:
         f"{RESULTS}/logs/manifest.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/manifest/manifest.tsv"
     conda:
         "../envs/madflow.yaml"
     params:

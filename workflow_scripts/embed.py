@@ -1,5 +1,7 @@
-"""Embed every tissue tile of one slide with one experiment's encoder."""
+"""Embed every tissue tile of a part of the slides with one experiment's encoder, loaded
+once: one HDF5 per slide in the part's output folder."""
 
+from pathlib import Path
 
 from madflow.embed import build_encoder, embed_slide
 from madflow.runlog import setup
@@ -9,4 +11,7 @@ p = snakemake.params
 encoder_path = snakemake.input.encoder if snakemake.input.encoder else None
 encode, name = build_encoder(p.settings, encoder_path, p.tile_px)
 log.info("encoder: %s", name)
-embed_slide(snakemake.input.table, encode, name, snakemake.output.embeddings, p.batch_size)
+out = Path(snakemake.output.embeddings)
+out.mkdir(parents=True, exist_ok=True)
+for table in snakemake.input.tables:
+    embed_slide(table, encode, name, str(out / f"{Path(table).stem}.h5"), p.batch_size)

@@ -16,7 +16,10 @@ from madflow.runlog import setup
 log = setup(snakemake.log[0])
 p = snakemake.params
 manifest = read_checked_manifest(snakemake.input.manifest)
-tiles, X = load_embeddings(snakemake.input.embeddings, snakemake.input.tables)
+# one file per slide in the embed jobs' folders, in the order of the tile tables
+files = {f.stem: f for folder in snakemake.input.embeddings for f in Path(folder).glob("*.h5")}
+embedding_files = [files[Path(t).stem] for t in snakemake.input.tables]
+tiles, X = load_embeddings(embedding_files, snakemake.input.tables)
 tiles["split"] = tiles["slide_id"].map(manifest.set_index("slide_id")["split"])
 log.info("%d embedded tiles, %d slides, dim %d", len(tiles), tiles["slide_id"].nunique(), X.shape[1])
 ev = p.evaluate
@@ -29,7 +32,7 @@ metrics, artifacts = evaluate(
     cv_folds=ev["cv_folds"],
     seed=p.seed,
 )
-with h5py.File(snakemake.input.embeddings[0], "r") as h5:
+with h5py.File(embedding_files[0], "r") as h5:
     encoder = str(h5.attrs["encoder"])
 table = tidy(metrics, snakemake.wildcards.experiment, encoder)
 table["seed"] = int(snakemake.wildcards.seed)  # after the SPEC columns: several seeds, one table

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from madflow.runlog import log_startup
 from madflow.train.loop import log, train
 
 
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_startup(log)
     cfg = load_config(args.config)
     experiments = cfg.get("experiments") or {}
     if args.experiment not in experiments:

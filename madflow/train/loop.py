@@ -11,15 +11,18 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 
 from madflow.config import resolve_train_config
 from madflow.data.augment import Augmenter
 from madflow.data.dataset import MADBatchDataset, MultiCrop
 from madflow.data.index import TileIndex, load_tables
+from madflow.io import write_atomic
 from madflow.model import MADModel, backbone_dim, save_encoder
 from madflow.modes import Mode
 from madflow.train.checkpoint import TrainLog, load_checkpoint, save_checkpoint
+from madflow.train.diagnostics import CUE_COLUMNS, cross_scale_cue
 from madflow.train.distributed import finish_distributed, setup_distributed
 from madflow.train.schedules import cosine_setting, lr_schedule
 from madflow.train.steps import OBJECTIVES, set_lr_wd
@@ -67,6 +70,7 @@ def _save_untrained(mode: Mode, model_cfg: dict, train_cfg: dict, img_size: int,
     if is_main:
         save_encoder(encoder_path, backbone, meta)
         TrainLog(os.path.join(out_dir, "train_log.tsv")).start(0)
+        pd.DataFrame(columns=CUE_COLUMNS).to_csv(os.path.join(out_dir, "cross_scale_cue.tsv"), sep="\t", index=False)
     log.info("mode %s: no training; wrote %s", mode.name, encoder_path)
     return {"mode": mode.name, "steps": 0, "encoder": encoder_path, "model": model}
 
@@ -132,6 +136,8 @@ class _Run:
         self.lr = lr_schedule(float(train_cfg["lr"]), float(train_cfg["min_lr"]), self.warmup, total)
         self.wd = cosine_setting(train_cfg, "weight_decay", total)
         self.log = TrainLog(os.path.join(out_dir, "train_log.tsv"), enabled=self.is_main)
+        self.cue_path = os.path.join(out_dir, "cross_scale_cue.tsv")
+        self.cue = pd.DataFrame(columns=CUE_COLUMNS)
 
     def _resume(self) -> int:
         checkpoint = load_checkpoint(self.checkpoint_path)
@@ -139,6 +145,7 @@ class _Run:
             self.log.start(0)
             return 0
         self.objective.load_state_dict(checkpoint)
+        self.cue = pd.DataFrame(checkpoint.get("cross_scale_cue", []), columns=CUE_COLUMNS)
         start = int(checkpoint["step"])
         sampler = checkpoint.get("sampler", {})
         for what, saved, now in (("seed", sampler.get("seed", self.seed), self.seed),
@@ -163,6 +170,7 @@ class _Run:
                         "groups": dataset.groups},
             "world_size": self.world,
             "log_rows": self.log.rows,
+            "cross_scale_cue": self.cue.to_dict("records"),
             "mode": self.mode.name,
             "train_config": self.train_cfg,
             "model_config": self.model_cfg,
@@ -189,6 +197,12 @@ class _Run:
 
         objective = self.objective
         start = self._resume()
+        if start == 0 and self.is_main and self.mode.groups in ("pairs", "chain"):
+            cfg = self.train_cfg
+            self.cue = cross_scale_cue(objective, self.index, cfg["pairs"], int(cfg["n_local"]), self.seed,
+                                       augmenter(cfg), reader_factory, batch_parents=int(cfg["batch_parents"]))
+            log.info("cross-scale cue at the start (CE own - other children; < 0: a cue to learn):\n%s",
+                     self.cue.to_string(index=False))
         if self.world > 1:
             objective.distribute()
         dataset, loader = self._loader(start, reader_factory)
@@ -232,6 +246,7 @@ class _Run:
     def _finish(self, dataset: MADBatchDataset, stats: dict, collapse_warnings: int) -> dict:
         self._save(self.total, dataset)
         if self.is_main:
+            write_atomic(self.cue_path, lambda tmp: self.cue.to_csv(tmp, sep="\t", index=False))
             backbone, which = self.objective.encoder()
             meta = encoder_meta(self.model_cfg, self.img_size, self.experiment_name, self.mode, self.seed,
                                 self.total, backbone, self.train_cfg["tile_norm"])
