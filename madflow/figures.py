@@ -170,6 +170,12 @@ def _aggregate(df: pd.DataFrame) -> pd.DataFrame:
                                        "n", "err"])
 
 
+def _experiment_legend(fig, exps: list[str], pal: dict) -> None:
+    handles = [Patch(color=pal[e], label=e) for e in exps]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(exps), 8),
+               bbox_to_anchor=(0.5, 1.08), frameon=False, title="Experiment")
+
+
 def _experiments(df) -> list[str]:
     if "experiment" not in df.columns:
         return ["experiment"]
@@ -292,9 +298,7 @@ def retention_bars(summary_df: pd.DataFrame, out, pairs: Sequence[str] | None = 
         ax.set_title(title)
         ax.set_ylabel(ylab)
         ax.set_xlabel("Magnification pair a→b (×)")
-    handles = [Patch(color=pal[e], label=e) for e in exps]
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(exps), 8),
-               bbox_to_anchor=(0.5, 1.08), frameon=False, title="Experiment")
+    _experiment_legend(fig, exps, pal)
     err = "95% bootstrap CI over test slides" if (_aggregate(summary_df).n <= 1).all() \
         else "mean ± sd over seeds (CI when one seed)"
     fig.suptitle(f"Magnification transfer of a linear probe (error bars: {err})", y=1.16,
@@ -327,9 +331,7 @@ def clustering_bars(summary_df: pd.DataFrame, out) -> list[str]:
         ax.set_title(title)
         ax.set_ylabel(ylab)
         ax.set_xlabel("Clustering scope (pooled or magnification)")
-    handles = [Patch(color=pal[e], label=e) for e in exps]
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(exps), 8),
-               bbox_to_anchor=(0.5, 1.08), frameon=False, title="Experiment")
+    _experiment_legend(fig, exps, pal)
     fig.suptitle("Clustering of tile embeddings (k-means, k = number of classes)", y=1.16,
                  fontsize=10)
     fig.tight_layout()
