@@ -9,6 +9,7 @@ in one process, with repeats interleaved so that background load hits every row 
   augment only         the Augmenter alone on an already read batch
   train step           the objective's step as training runs it (madflow.train.steps: student
                        fwd+bwd+clip+AdamW, teacher fwd, EMA update) on one augmented batch
+  embed forward        the backbone's forward alone on the same images (what embedding does)
 
 Images per step = teacher + student views (B + B*V). The loader rows run with 1 torch
 thread, as in a DataLoader worker (torch sets 1 thread there); the train row uses this
@@ -141,6 +142,14 @@ def main(argv=None) -> int:
     def train_step(step: int) -> float:
         return objective.step(batch, step)["loss"]
 
+    images = torch.cat([batch["teacher"].reshape(-1, 3, T, T), batch["student"].reshape(-1, 3, T, T)])
+    backbone = objective.model.teacher.backbone
+
+    @torch.inference_mode()
+    def embed_forward(step: int) -> None:
+        """What the embed step does per image: the backbone's forward alone, no gradients."""
+        backbone(images)
+
     raw_t, raw_s = ds_raw.raw_views(ds_raw.rows_for_step(0))
     raw_all = torch.cat([raw_t, raw_s.reshape(-1, 3, T, T)])
     load_threads = 1 if nw > 0 else args.threads
@@ -151,6 +160,7 @@ def main(argv=None) -> int:
         "augment only": dict(threads=load_threads,
                              fn=lambda s: aug(raw_all, np.random.default_rng([0, s, 0, 1]))),
         "train step": dict(threads=args.threads, fn=train_step),
+        "embed forward": dict(threads=args.threads, fn=embed_forward),
     }
     # warm-up (readers opened, allocator, first-call overheads)
     for r in rows.values():
@@ -187,6 +197,9 @@ def main(argv=None) -> int:
     print(f"num_workers = {nw}: loader supply {supply:.1f} images/s "
           f"({load_rate:.1f} x {max(nw, 1)} process(es)); training consumes {train_rate:.1f} images/s")
     print(f"ratio loader/training = {ratio:.2f}  (required >= 2: {'PASS' if ratio >= 2 else 'FAIL'})")
+    embed_rate = float(tab.loc[tab.measurement == "embed forward", "images/s"].iloc[0])
+    print(f"embedding forward / training images/s at {args.threads} thread(s) = {embed_rate / train_rate:.2f} "
+          f"(goal >= 3)")
     if nw == 0:
         print("note: num_workers = 0 loads in the training process, serially with the step; "
               "the ratio is then only indicative")
