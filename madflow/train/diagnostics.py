@@ -6,7 +6,8 @@ distribution of (i) the parent's own children and (ii) the children of a random 
 gap = CE(own) - CE(other), per parent, averaged: below 0 the network, as it starts, already
 predicts a parent from its own children better than from unrelated ones; about 0 means no
 cue for the objective to follow. Measured on a copy of the network in the modes training
-uses (batch statistics as in training), so it changes nothing of the run.
+uses (batch statistics as in training; on a copy where the network has batch norm, whose
+statistics train mode would update), so it changes nothing of the run.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ CUE_COLUMNS = ["pair", "n_parents", "ce_own", "ce_other", "gap", "ci_low", "ci_h
 
 
 def _per_parent_ce(objective, batch: dict, step: int) -> np.ndarray:
-    model = objective.model
-    teacher = model.teacher(batch["teacher"])
+    model, device = objective.model, objective.device
     B, V = batch["student"].shape[:2]
-    student = model.student(batch["student"].flatten(0, 1)).float().view(B, V, -1)
-    target = objective.loss.teacher_probs(teacher.float(), step)
+    with objective.autocast:
+        teacher = model.teacher(batch["teacher"].to(device)).float()
+        student = model.student(batch["student"].flatten(0, 1).to(device)).float().view(B, V, -1)
+    target = objective.loss.teacher_probs(teacher, step)
     log_s = F.log_softmax(student / objective.loss.student_temp, dim=-1)
-    return (-(target.unsqueeze(1) * log_s).sum(-1)).mean(1).numpy()
+    return (-(target.unsqueeze(1) * log_s).sum(-1)).mean(1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -40,7 +42,8 @@ def cross_scale_cue(objective, index, pairs: dict, n_local: int, seed: int, augm
     """One row per pair: mean CE to own and to other children, their gap and its 95%
     bootstrap CI over parents."""
     probe = copy.copy(objective)
-    probe.model = copy.deepcopy(objective.model)
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.model.modules()):
+        probe.model = copy.deepcopy(objective.model)  # train-mode batch norm updates its statistics
     probe.train_mode()
     rows = []
     for pair in group_weights("mad", pairs):

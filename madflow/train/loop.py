@@ -197,8 +197,10 @@ class _Run:
 
         objective = self.objective
         start = self._resume()
-        if start == 0 and self.is_main and self.mode.groups in ("pairs", "chain"):
-            cfg = self.train_cfg
+        cfg = self.train_cfg
+        # measured in the main process alone: only EMA centring needs no collective call
+        if start == 0 and self.is_main and self.mode.groups in ("pairs", "chain") and \
+                (self.world == 1 or cfg["centering"] == "ema"):
             self.cue = cross_scale_cue(objective, self.index, cfg["pairs"], int(cfg["n_local"]), self.seed,
                                        augmenter(cfg), reader_factory, batch_parents=int(cfg["batch_parents"]))
             log.info("cross-scale cue at the start (CE own - other children; < 0: a cue to learn):\n%s",
