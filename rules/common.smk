@@ -5,7 +5,10 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
+from madflow.manifest import SLIDE_ID_PATTERN, file_fingerprint, input_files
+from madflow.labels import label_files
 from madflow.slides import mag_str
+from madflow.timm_names import unknown_archs
 from madflow.train_config import resolve_train_config
 
 validate(config, "../schemas/config.schema.yaml")
@@ -22,12 +25,19 @@ NO_PRETRAIN_MODES = {"color_stats", "external"}
 # fail at parse time, naming the key, on a misspelt train or experiment setting
 for _name, _exp in config["experiments"].items():
     resolve_train_config(config, {"name": _name, **_exp})
+# ... and on an architecture timm does not know, before any slide is tiled
+_unknown_archs = unknown_archs(config)
+if _unknown_archs:
+    raise ValueError(
+        f"unknown timm architecture(s): {'; '.join(_unknown_archs)} "
+        "(timm.list_models() lists the known names)"
+    )
 
 
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS),
     seed=r"\d+",
-    slide_id=r"[^/]+",
+    slide_id=SLIDE_ID_PATTERN,
 
 
 def manifest_source():
@@ -37,13 +47,63 @@ def manifest_source():
     return config["manifest"]
 
 
-def slide_ids(split=None):
-    """Slide ids of the checked manifest (a checkpoint: known once it has run)."""
+def manifest_input_files():
+    """The slide and label files of the user's manifest: inputs of the manifest stage, so that
+    changing one re-checks it. The demo's slides are the demo rule's own business."""
+    if config["manifest"] == "demo":
+        return []
+    return input_files(config["manifest"])
+
+
+def fingerprints(wildcards, input):
+    """Size and mtime of every input file: a replacement by an older copy (cp -p, rsync -a),
+    which mtime comparison misses, still changes this parameter and reruns the stage."""
+    return {path: file_fingerprint(path) for path in input.slides_and_labels}
+
+
+_CHECKED = {}
+
+
+def checked_manifest():
+    """The checked manifest (a checkpoint: known once it has run), read once per version."""
     path = checkpoints.manifest.get().output.manifest
-    table = pd.read_csv(path, sep="\t", dtype={"slide_id": str})
+    key = (path, file_fingerprint(path))
+    if key not in _CHECKED:
+        _CHECKED.clear()
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        _CHECKED[key] = table.set_index("slide_id", drop=False)
+    return _CHECKED[key]
+
+
+def slide_ids(split=None):
+    table = checked_manifest()
     if split:
         table = table[table["split"] == split]
     return list(table["slide_id"])
+
+
+# manifest columns that do not change a slide's tiles (a new split must not retile it)
+NOT_TILING_COLUMNS = ["split", "split_source"]
+
+
+def slide_row(wildcards):
+    """What tiling one slide depends on: its checked manifest row, file fingerprints
+    included, so that a changed slide or label file reruns that slide's tiles only."""
+    return checked_manifest().loc[wildcards.slide_id].drop(NOT_TILING_COLUMNS).to_dict()
+
+
+def slide_files(wildcards):
+    row = checked_manifest().loc[wildcards.slide_id]
+    return {
+        "slide": row["path"],
+        "labels": label_files(row["labels"]) if row["labels"] else [],
+    }
+
+
+def slide_class_map(wildcards):
+    """The part of config `classes:` that renames this slide's classes."""
+    in_file = checked_manifest().loc[wildcards.slide_id, "classes_in_file"].split(",")
+    return {k: v for k, v in config["classes"].items() if k in in_file}
 
 
 def tile_tables(wildcards):

@@ -16,6 +16,7 @@ rule demo_slides:
 checkpoint manifest:
     input:
         table=manifest_source(),
+        slides_and_labels=manifest_input_files(),
     output:
         manifest=f"{RESULTS}/manifest.tsv",
         rejected=f"{RESULTS}/manifest_rejected.tsv",
@@ -29,13 +30,15 @@ checkpoint manifest:
         bad_slides=config["bad_slides"],
         test_frac=config["test_frac"],
         seed=config["seed"],
+        class_map=config["classes"],
+        fingerprints=fingerprints,
     script:
         "../workflow_scripts/manifest.py"
 
 
 rule tile:
     input:
-        manifest=f"{RESULTS}/manifest.tsv",
+        unpack(slide_files),
     output:
         table=f"{RESULTS}/tiles/{{slide_id}}.parquet",
         qc=f"{RESULTS}/tiles/qc/{{slide_id}}.png",
@@ -53,5 +56,7 @@ rule tile:
         mags=MAGS,
         tile_px=config["tiling"]["tile_px"],
         min_tissue=config["tiling"]["min_tissue"],
+        slide=slide_row,
+        class_map=slide_class_map,
     script:
         "../workflow_scripts/tile.py"
