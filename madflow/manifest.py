@@ -263,3 +263,23 @@ def _cause(err: Exception) -> str:
     if isinstance(err, (SlideError, LabelError, ValueError)):
         return str(err)
     return f"{type(err).__name__}: {err}"
+
+
+def slides_overview(checked: pd.DataFrame, rejected: pd.DataFrame, tables: dict, mags) -> pd.DataFrame:
+    """One row per manifest slide: used or rejected (with the cause), split, tissue tiles per
+    magnification and every note, so that a slide that gave nothing is named, not lost.
+    `tables`: slide_id -> its tile table (columns mag, tissue at least)."""
+    rows = []
+    for slide in checked.itertuples(index=False):
+        table = tables[slide.slide_id]
+        notes = [n for n in str(slide.notes).split("; ") if n]
+        row = {"slide_id": slide.slide_id, "status": "used", "split": slide.split}
+        for mag in sorted(float(m) for m in mags):
+            at_mag = table[np.isclose(table["mag"], mag)]
+            row[f"tissue_tiles_{mag_str(mag)}x"] = int(at_mag["tissue"].sum())
+            if len(at_mag) and not at_mag["tissue"].any():
+                notes.append(f"0 tissue tiles at {mag_str(mag)}x")
+        rows.append({**row, "notes": "; ".join(notes)})
+    for slide in rejected.itertuples(index=False):
+        rows.append({"slide_id": slide.slide_id, "status": "rejected", "split": "", "notes": slide.cause})
+    return pd.DataFrame(rows)

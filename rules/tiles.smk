@@ -60,3 +60,24 @@ rule tile:
         class_map=slide_class_map,
     script:
         "../workflow_scripts/tile.py"
+
+
+rule slides_overview:
+    input:
+        manifest=f"{RESULTS}/manifest.tsv",
+        rejected=f"{RESULTS}/manifest_rejected.tsv",
+        tables=tile_tables,
+    output:
+        overview=report(
+            f"{RESULTS}/slides.tsv",
+            caption="../report/slides.rst",
+            category="0. Slides",
+        ),
+    log:
+        f"{RESULTS}/logs/slides_overview.log",
+    conda:
+        "../envs/madflow.yaml"
+    params:
+        mags=MAGS,
+    script:
+        "../workflow_scripts/slides_overview.py"

@@ -11,6 +11,7 @@ from madflow.embed import load_embeddings
 from madflow.io import write_atomic
 from madflow.metrics import evaluate, tidy
 from madflow.runlog import setup
+from madflow.sample_size import flag_small_samples
 
 log = setup(snakemake.log[0])
 p = snakemake.params
@@ -28,6 +29,7 @@ metrics, artifacts = evaluate(
     cv_folds=ev["cv_folds"],
     seed=p.seed,
 )
+metrics = flag_small_samples(metrics, artifacts)  # no CI and a note where too few slides or tiles
 with h5py.File(snakemake.input.embeddings[0], "r") as h5:
     encoder = str(h5.attrs["encoder"])
 table = tidy(metrics, snakemake.wildcards.experiment, encoder)

@@ -2,12 +2,27 @@
 
 import pandas as pd
 
-from madflow.figures import summary_table
+from madflow.figures import SUMMARY_METRICS, summary_table
 from madflow.io import write_atomic
 from madflow.runlog import setup
+
+
+def headline_notes(table: pd.DataFrame) -> str:
+    """Distinct notes of an experiment's headline metrics (why a value is missing, has no CI
+    or rests on few tiles), so that the summary and the report say it beside the numbers."""
+    notes = {}
+    for column, metric, scope in SUMMARY_METRICS:
+        rows = table[(table["metric"] == metric) & (table["scope"].astype(str) == scope)]
+        for note in rows["note"].fillna(""):
+            if note:
+                notes.setdefault(note, []).append(column)
+    return " | ".join(f"{', '.join(dict.fromkeys(cols))}: {note}" for note, cols in notes.items())
+
 
 log = setup(snakemake.log[0])
 tables = [pd.read_csv(p, sep="\t", keep_default_na=False, na_values=[""]) for p in snakemake.input.metrics]
 summary = summary_table(tables)
+metrics = pd.concat(tables, ignore_index=True)
+summary["notes"] = [headline_notes(metrics[metrics["experiment"].astype(str) == e]) for e in summary["experiment"]]
 write_atomic(snakemake.output.summary, lambda t: summary.to_csv(t, sep="\t", index=False))
 log.info("\n%s", summary.to_string())
