@@ -180,15 +180,18 @@ def check_slide_id(slide_id: str) -> None:
         )
 
 
-def check_splits(checked: pd.DataFrame, path) -> None:
-    """Pretraining needs a train slide and evaluation a test slide: say so here, not later."""
-    for split, needed_by in (("train", "pretraining"), ("test", "evaluation")):
-        if not (checked["split"] == split).any():
-            counts = checked["split"].value_counts().to_dict()
-            raise ManifestError(
-                f"manifest {path}: no usable {split} slide ({needed_by} needs at least one; "
-                f"usable slides per split: {counts}): set the split column or test_frac"
-            )
+def require_split(checked: pd.DataFrame, split: str, needed_by: str, source) -> list[str]:
+    """The slide ids of `split`; an error naming the cause when there is none (pretraining
+    needs a train slide, evaluation a test slide): said once the manifest is checked, not by
+    pretraining's argument parser later."""
+    ids = list(checked.loc[checked["split"] == split, "slide_id"])
+    if not ids:
+        counts = checked["split"].value_counts().to_dict()
+        raise ManifestError(
+            f"{source}: no usable {split} slide ({needed_by} needs at least one; usable slides "
+            f"per split: {counts}): set the split column of the manifest, or test_frac"
+        )
+    return ids
 
 
 def check_classes(checked: pd.DataFrame, path) -> None:
@@ -253,7 +256,6 @@ def check_manifest(path, mags, tile_px: int, bad_slides: str, test_frac: float, 
     checked = pd.DataFrame(good)
     checked["split_source"] = np.where(checked["split"] == "", "", "manifest")
     checked = assign_split(checked, test_frac, seed)
-    check_splits(checked, path)
     check_classes(checked, path)
     return checked, rejected
 

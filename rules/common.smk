@@ -5,7 +5,12 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
-from madflow.manifest import SLIDE_ID_PATTERN, file_fingerprint, input_files
+from madflow.manifest import (
+    SLIDE_ID_PATTERN,
+    file_fingerprint,
+    input_files,
+    require_split,
+)
 from madflow.labels import label_files
 from madflow.slides import mag_str
 from madflow.timm_names import unknown_archs
@@ -55,10 +60,15 @@ def manifest_input_files():
     return input_files(config["manifest"])
 
 
-def fingerprints(wildcards, input):
-    """Size and mtime of every input file: a replacement by an older copy (cp -p, rsync -a),
-    which mtime comparison misses, still changes this parameter and reruns the stage."""
-    return {path: file_fingerprint(path) for path in input.slides_and_labels}
+MANIFEST_INPUT_FILES = manifest_input_files()
+
+
+def manifest_input_fingerprints():
+    """Size and mtime of every input file of the manifest stage: a replacement by an older
+    copy (cp -p, rsync -a), which mtime comparison misses, still changes this parameter and
+    reruns the stage. (Computed at parse time: Snakemake ignores parameters derived from
+    `input` when it looks for changed parameters.)"""
+    return {path: file_fingerprint(path) for path in MANIFEST_INPUT_FILES}
 
 
 _CHECKED = {}
@@ -75,11 +85,13 @@ def checked_manifest():
     return _CHECKED[key]
 
 
-def slide_ids(split=None):
-    table = checked_manifest()
-    if split:
-        table = table[table["split"] == split]
-    return list(table["slide_id"])
+def slide_ids():
+    return list(checked_manifest()["slide_id"])
+
+
+def split_slide_ids(split, needed_by):
+    """Slide ids of one split; a clear error, before any job needs them, when there is none."""
+    return require_split(checked_manifest(), split, needed_by, f"{RESULTS}/manifest.tsv")
 
 
 # manifest columns that do not change a slide's tiles (a new split must not retile it)
@@ -111,7 +123,10 @@ def tile_tables(wildcards):
 
 
 def train_tables(wildcards):
-    return expand(f"{RESULTS}/tiles/{{slide_id}}.parquet", slide_id=slide_ids("train"))
+    return expand(
+        f"{RESULTS}/tiles/{{slide_id}}.parquet",
+        slide_id=split_slide_ids("train", "pretraining"),
+    )
 
 
 def tile_qc(wildcards):
@@ -124,6 +139,7 @@ def experiment_settings(name):
 
 
 def embeddings(wildcards):
+    split_slide_ids("test", "evaluation")
     return expand(
         f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/embeddings/{{slide_id}}.h5",
         slide_id=slide_ids(),

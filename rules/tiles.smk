@@ -16,7 +16,7 @@ rule demo_slides:
 checkpoint manifest:
     input:
         table=manifest_source(),
-        slides_and_labels=manifest_input_files(),
+        slides_and_labels=MANIFEST_INPUT_FILES,
     output:
         manifest=f"{RESULTS}/manifest.tsv",
         rejected=f"{RESULTS}/manifest_rejected.tsv",
@@ -31,7 +31,7 @@ checkpoint manifest:
         test_frac=config["test_frac"],
         seed=config["seed"],
         class_map=config["classes"],
-        fingerprints=fingerprints,
+        fingerprints=manifest_input_fingerprints(),
     script:
         "../workflow_scripts/manifest.py"
 

@@ -20,7 +20,7 @@ from snakemake.utils import validate
 from conftest import REPO, merged_config
 from madflow import metrics as M
 from madflow.io import partial_path, write_atomic
-from madflow.manifest import ManifestError, check_manifest, slides_overview
+from madflow.manifest import ManifestError, check_manifest, require_split, slides_overview
 from madflow.sample_size import flag_small_samples
 from madflow.synth import write_pyramid
 from madflow.tiling import tile_slide
@@ -168,12 +168,13 @@ def test_bad_slides_skip_lists_directories_and_ids(tmp_path):
 
 
 # -- splits (item 7) ---------------------------------------------------------------------------
-def test_too_few_train_or_test_slides_stop_at_the_manifest(tmp_path):
+def test_too_few_train_or_test_slides_named_before_any_job(tmp_path):
     _slide(tmp_path / "a.svs")
     all_test = _manifest(tmp_path, {"slide_id": ["a", "b"], "path": ["a.svs"] * 2, "split": ["test"] * 2})
-    assert "no usable train slide (pretraining needs at least one" in _error(all_test)
-    one = _manifest(tmp_path, {"slide_id": ["a"], "path": ["a.svs"]}, name="one.tsv")
-    assert "no usable test slide (evaluation needs at least one" in _error(one)
+    checked = check_manifest(all_test, MAGS, 64, "error", 0.3, 0)[0]
+    with pytest.raises(ManifestError, match=r"no usable train slide \(pretraining needs at least one"):
+        require_split(checked, "train", "pretraining", all_test)
+    assert require_split(checked, "test", "evaluation", all_test) == ["a", "b"]
 
 
 # -- slides that give no tiles (item 9) -----------------------------------------------------
