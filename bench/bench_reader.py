@@ -118,7 +118,7 @@ def big_slide(path, size):
     demo's tissue at 60k px takes ~20 min."""
     import tifffile
 
-    from madflow.synth import TILE, _TIFF_KW, _description
+    from madflow.synth.pyramid import TILE, TIFF_KWARGS, aperio_description
 
     def level_tiles(side):
         yy, xx = np.mgrid[0:TILE, 0:TILE]
@@ -132,8 +132,8 @@ def big_slide(path, size):
         for n in range(3):
             side = size // 4**n
             tif.write(level_tiles(side), shape=(side, side, 3), dtype=np.uint8,
-                      description=_description(size, "big") if n == 0 else f"Aperio Image Library level {n}",
-                      **_TIFF_KW)
+                      description=aperio_description(size, "big") if n == 0 else f"Aperio Image Library level {n}",
+                      **TIFF_KWARGS)
 
 
 def tile_peak_rss(path, tmp, tile_px):

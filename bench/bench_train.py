@@ -7,8 +7,8 @@ in one process, with repeats interleaved so that background load hits every row 
   loader (augmented)   MADBatchDataset.batch_for_step with the training Augmenter
   loader (no augment)  the same rows with Augmenter(enabled=False) (read + normalise only)
   augment only         the Augmenter alone on an already read batch
-  train step           student fwd+bwd+clip+AdamW on the student views + teacher fwd +
-                       EMA update (madflow.train's step), on random tensors of the batch shape
+  train step           the objective's step as training runs it (madflow.train.steps: student
+                       fwd+bwd+clip+AdamW, teacher fwd, EMA update) on one augmented batch
 
 Images per step = teacher + student views (B + B*V). The loader rows run with 1 torch
 thread, as in a DataLoader worker (torch sets 1 thread there); the train row uses this
@@ -41,13 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from madflow.data import Augmenter, MADBatchDataset, TileIndex, load_tables  # noqa: E402
-from madflow.loss import DINOLoss  # noqa: E402
 from madflow.manifest import check_manifest  # noqa: E402
-from madflow.model import MADModel  # noqa: E402
 from madflow.synth import make_demo  # noqa: E402
 from madflow.tiling import tile_slide  # noqa: E402
-from madflow.train import _param_groups  # noqa: E402
-from madflow.train_config import resolve_train_config  # noqa: E402
+from madflow.config import resolve_train_config  # noqa: E402
+from madflow.train.loop import augmenter  # noqa: E402
+from madflow.train.steps import OBJECTIVES  # noqa: E402
 
 
 def build_tables(workdir: Path, mags, tile_px: int, min_tissue: float) -> list[str]:
@@ -124,10 +123,9 @@ def main(argv=None) -> int:
     # ---- data -------------------------------------------------------------------------
     tables = build_tables(Path(args.workdir), mags, T, min_tissue)
     index = TileIndex(load_tables(tables))
-    aug = Augmenter(hed_jitter=float(tcfg["hed_jitter"]), color_jitter=float(tcfg["color_jitter"]),
-                    blur_prob=float(tcfg["blur_prob"]))
+    aug = augmenter(tcfg)
     big = 10 ** 6
-    kw = dict(index=index, mode=mode, pairs=tcfg["pairs"], n_parents=B, n_local=n_local, seed=0,
+    kw = dict(index=index, mode=mode.name, pairs=tcfg["pairs"], n_parents=B, n_local=n_local, seed=0,
               total_steps=big, parent_view=bool(tcfg["parent_view"]))
     ds_aug = MADBatchDataset(**kw, augmenter=aug)
     ds_raw = MADBatchDataset(**kw, augmenter=Augmenter(enabled=False))
@@ -135,31 +133,13 @@ def main(argv=None) -> int:
     V = int(probe["student"].shape[1])
     n_img = B + B * V
 
-    # ---- model ------------------------------------------------------------------------
-    model = MADModel.from_config(mcfg, T)
-    K = int(model.student.head.n_prototypes)
-    loss_fn = DINOLoss(K, float(tcfg["student_temp"]), 0.04, float(tcfg["center_momentum"]),
-                       centering=str(tcfg.get("centering", "ema")))
-    opt = torch.optim.AdamW(_param_groups(model.student), lr=1e-4, weight_decay=0.04)
-    clip = float(tcfg.get("clip_grad") or 0.0)
-    g = torch.Generator().manual_seed(0)
-    tin = torch.randn(B, 3, T, T, generator=g)
-    sin = torch.randn(B, V, 3, T, T, generator=g)
-    model.student.train()
-    model.teacher.train()
+    # ---- model: the objective's own step, as training runs it ------------------------------
+    objective = OBJECTIVES[mode.objective](tcfg, mcfg, index, T, big, torch.device("cpu"))
+    objective.train_mode()
+    batch = ds_aug.batch_for_step(0)
 
-    def train_step():
-        with torch.no_grad():
-            t_out = model.teacher(tin)
-        s_out = model.student(sin.flatten(0, 1)).float().view(B, V, -1)
-        loss = loss_fn(s_out, t_out.float(), 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.student.parameters(), clip)
-        opt.step()
-        model.update_teacher(0.996)
-        return float(loss.detach())
+    def train_step(step: int) -> float:
+        return objective.step(batch, step)["loss"]
 
     raw_t, raw_s = ds_raw.raw_views(ds_raw.rows_for_step(0))
     raw_all = torch.cat([raw_t, raw_s.reshape(-1, 3, T, T)])
@@ -170,7 +150,7 @@ def main(argv=None) -> int:
         "loader (no augment)": dict(threads=load_threads, fn=lambda s: ds_raw.batch_for_step(s)),
         "augment only": dict(threads=load_threads,
                              fn=lambda s: aug(raw_all, np.random.default_rng([0, s, 0, 1]))),
-        "train step": dict(threads=args.threads, fn=lambda s: train_step()),
+        "train step": dict(threads=args.threads, fn=train_step),
     }
     # warm-up (readers opened, allocator, first-call overheads)
     for r in rows.values():
@@ -202,7 +182,7 @@ def main(argv=None) -> int:
     supply = load_rate * max(nw, 1)
     ratio = supply / train_rate
     print(f"model {mcfg['arch']} {json.dumps(kwargs)} @ {T}px, head {mcfg.get('head')}; "
-          f"batch {B} parents x {V} student views + teacher = {n_img} images/step; mode {mode}")
+          f"batch {B} parents x {V} student views + teacher = {n_img} images/step; mode {mode.name}")
     print(pd.DataFrame(tab).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"num_workers = {nw}: loader supply {supply:.1f} images/s "
           f"({load_rate:.1f} x {max(nw, 1)} process(es)); training consumes {train_rate:.1f} images/s")

@@ -98,23 +98,22 @@ def main(argv=None) -> int:
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     warmup = args.warmup if args.warmup is not None else (3 if dev.type == "cuda" else 1)
 
-    from madflow.loss import DINOLoss
-    from madflow.model import MADModel
-    from madflow.train import _param_groups
+    from madflow.config import TRAIN_DEFAULTS
+    from madflow.train.steps import DINOObjective
 
     mcfg = {"arch": args.arch, "kwargs": {}, "checkpoint": None,
             "head": {"hidden_dim": args.hidden_dim, "bottleneck_dim": args.bottleneck_dim,
                      "n_prototypes": args.n_prototypes}}
+    train_cfg = {**TRAIN_DEFAULTS, "batch_parents": args.parents, "lr": 1e-4, "freeze_last_layer_steps": 0}
     t0 = time.perf_counter()
-    model = MADModel.from_config(mcfg, args.img_size).to(dev)
+    objective = DINOObjective(train_cfg, mcfg, None, args.img_size, 10 ** 6, dev)
     t_build = time.perf_counter() - t0
+    model = objective.model
+    if not use_bf16:  # the objective autocasts on CUDA; --no-autocast measures fp32
+        objective.autocast = nullcontext()
     n_bb = sum(p.numel() for p in model.student.backbone.parameters())
     n_head = sum(p.numel() for p in model.student.head.parameters())
-    K = model.student.head.n_prototypes
-    loss_fn = DINOLoss(K, 0.1, 0.04, 0.9).to(dev)
-    opt = torch.optim.AdamW(_param_groups(model.student), lr=1e-4, weight_decay=0.04)
-    model.student.train()
-    model.teacher.train()
+    objective.train_mode()
 
     B, V, S = args.parents, args.views, args.img_size
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -134,18 +133,11 @@ def main(argv=None) -> int:
     flops_img = fc.get_total_flops() / n_probe
     flops_step = 3.0 * flops_img * B * V + 1.0 * flops_img * B
 
+    batch = {"teacher": tin, "student": sin.view(B, V, 3, S, S)}
+
     def step(i: int) -> float:
-        with autocast:
-            with torch.no_grad():
-                t_out = model.teacher(tin)
-            s_out = model.student(sin)
-        loss = loss_fn(s_out.float().view(B, V, -1), t_out.float(), i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.student.parameters(), 3.0)
-        opt.step()
-        model.update_teacher(0.996)
-        return float(loss.detach())  # syncs the device
+        """madflow.train.steps.DINOObjective.step, the step training runs."""
+        return objective.step(batch, i)["loss"]  # .item() inside syncs the device
 
     def sync():
         if dev.type == "cuda":

@@ -11,9 +11,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from madflow.data import IMAGENET_MEAN, IMAGENET_STD, tile_standardise
+from madflow.data.augment import pixels_to_input
 from madflow.io import write_atomic
 from madflow.model import build_backbone, load_encoder
+from madflow.modes import get_mode
 from madflow.slides import SlideReader, mag_str
 
 log = logging.getLogger(__name__)
@@ -28,28 +29,25 @@ def color_stats(pixels: np.ndarray) -> np.ndarray:
 def build_encoder(settings: dict, encoder_path: str | None, tile_px: int):
     """(callable uint8 (N,T,T,3) -> float (N,D), description) for an experiment: the network
     comes from the trained encoder's own metadata, or from an external entry's arch/kwargs."""
-    mode = settings.get("mode", "mad")
-    if mode == "color_stats":
+    mode = get_mode(settings.get("mode"))
+    if mode.embed == "color_stats":
         return color_stats, "color_stats (mean, std per RGB channel)"
-    if mode == "external":
+    if mode.embed == "external":
         backbone = build_backbone(settings["arch"], settings.get("kwargs") or {}, settings.get("checkpoint"), tile_px)
         backbone.eval()
         name = f"external:{settings['arch']}" + (f" ({settings['checkpoint']})" if settings.get("checkpoint") else "")
         tile_norm = bool(settings.get("tile_norm", False))
     else:
         backbone, meta = load_encoder(encoder_path)
-        which = "backbone trained with labels" if mode == "supervised" else "teacher backbone"
-        name = f"{meta.get('arch')} {which} ({mode}, seed {meta.get('seed')})"
+        which = "backbone trained with labels" if mode.objective == "supervised" else "teacher backbone"
+        name = f"{meta.get('arch')} {which} ({mode.name}, seed {meta.get('seed')})"
         tile_norm = bool(meta.get("tile_norm", False))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone.to(device)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     @torch.inference_mode()
     def forward(pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float().div_(255)
-        x = tile_standardise(x) if tile_norm else (x - mean) / std
+        x = pixels_to_input(pixels, tile_norm, device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             feats = backbone(x)
         return feats.float().cpu().numpy()

@@ -35,12 +35,13 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from madflow.io import write_atomic  # noqa: E402
 from madflow.slides import mag_str  # noqa: E402
+from madflow.summary import run_stats  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 __all__ = [
     "experiment_palette", "mag_palette", "class_palette", "save_figure", "probe_heatmap",
     "retention_bars", "clustering_bars", "embedding_map", "delta_hier_dist",
-    "segmentation_maps", "training_curves", "tiling_qc", "summary_table", "SUMMARY_METRICS",
+    "segmentation_maps", "training_curves", "tiling_qc",
 ]
 
 # fixed colours for the named experiments (SPEC section 9), so a figure never recolours
@@ -160,14 +161,11 @@ def _aggregate(df: pd.DataFrame) -> pd.DataFrame:
             d[c] = np.nan
     rows = []
     for (e, m, s), g in d.groupby(["experiment", "metric", "scope"], sort=False):
-        v = g["value"].to_numpy(float)
-        fin = v[np.isfinite(v)]
         if len(g) == 1:
-            rows.append((e, m, s, v[0], g["ci_low"].iloc[0], g["ci_high"].iloc[0], 1, ""))
+            rows.append((e, m, s, g["value"].iloc[0], g["ci_low"].iloc[0], g["ci_high"].iloc[0], 1, ""))
         else:
-            mu = fin.mean() if len(fin) else np.nan
-            sd = fin.std(ddof=1) if len(fin) > 1 else np.nan
-            rows.append((e, m, s, mu, mu - sd, mu + sd, len(fin), "sd"))
+            mu, sd, n = run_stats(g["value"])
+            rows.append((e, m, s, mu, mu - sd, mu + sd, n, "sd"))
     return pd.DataFrame(rows, columns=["experiment", "metric", "scope", "value", "lo", "hi",
                                        "n", "err"])
 
@@ -590,69 +588,3 @@ def tiling_qc(qc_pngs: Sequence, out, max_slides: int = 12, ncols: int = 4) -> l
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False,
                bbox_to_anchor=(0.5, -0.04))
     return save_figure(fig, out)
-
-
-# ----------------------------------------------------------------------------- summary table
-#: (column, metric, scope) of the one-row-per-experiment summary
-SUMMARY_METRICS = [
-    ("BA(10->40)", "probe_ba", "10->40"),
-    ("R(10->40)", "retention", "10->40"),
-    ("Rcc(10->40)", "retention_cc", "10->40"),
-    ("R(2.5->40)", "retention", "2.5->40"),
-    ("Rcc(2.5->40)", "retention_cc", "2.5->40"),
-    ("AMI(global)", "ami", "global"),
-    ("DBI(global)", "dbi", "global"),
-    ("mag_leakage", "mag_leakage", "global"),
-    ("Δhier(2.5->10)", "delta_hier", "2.5->10"),
-    ("Δhier(10->40)", "delta_hier", "10->40"),
-    ("Δhier(2.5->40)", "delta_hier", "2.5->40"),
-    ("seg_consistency(10->40)", "seg_consistency", "10->40"),
-    ("seg_miou(40)", "seg_miou", "40"),
-]
-
-
-def summary_table(tidy_dfs: Sequence[pd.DataFrame] | pd.DataFrame, formatted: bool = False,
-                  metrics: Sequence[tuple[str, str, str]] = SUMMARY_METRICS) -> pd.DataFrame:
-    """One row per experiment (in order of appearance) with the headline metrics.
-
-    Runs of the same experiment (a ``seed`` column, or several tables) are averaged; the
-    ``<col> sd`` columns hold the sample sd (NaN with one run) and ``n_runs`` the count.
-    With ``formatted=True`` each cell is a string ``"0.912 ± 0.010"`` (or ``"0.912"`` with
-    one run, ``"n/a"`` when not applicable).
-    """
-    if isinstance(tidy_dfs, pd.DataFrame):
-        tidy_dfs = [tidy_dfs]
-    parts = []
-    for i, d in enumerate(tidy_dfs):
-        d = d.copy()
-        if "experiment" not in d.columns:
-            d["experiment"] = f"experiment_{i}"
-        if "seed" in d.columns:
-            d["_run"] = [f"{i}:{s}" for s in d["seed"]]
-        else:
-            d["_run"] = str(i)
-        parts.append(d)
-    if not parts:
-        return pd.DataFrame(columns=["experiment", "n_runs"] + [m[0] for m in metrics])
-    all_df = pd.concat(parts, ignore_index=True)
-    rows = []
-    for e in dict.fromkeys(all_df["experiment"].astype(str)):
-        g = all_df[all_df["experiment"].astype(str) == e]
-        row = {"experiment": e}
-        if "encoder" in g.columns:
-            row["encoder"] = ",".join(dict.fromkeys(g["encoder"].astype(str)))
-        row["n_runs"] = g["_run"].nunique()
-        for col, metric, scope in metrics:
-            v = g[(g["metric"] == metric) & (g["scope"].astype(str) == scope)]["value"]
-            v = pd.to_numeric(v, errors="coerce").to_numpy(float)
-            v = v[np.isfinite(v)]
-            mu = v.mean() if len(v) else np.nan
-            sd = v.std(ddof=1) if len(v) > 1 else np.nan
-            if formatted:
-                row[col] = ("n/a" if not len(v) else
-                            f"{mu:.3f} ± {sd:.3f}" if len(v) > 1 else f"{mu:.3f}")
-            else:
-                row[col] = mu
-                row[f"{col} sd"] = sd
-        rows.append(row)
-    return pd.DataFrame(rows)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
+
 
 def partial_path(path) -> Path:
     """Where `path` is written before it is renamed into place: a fixed hidden sibling that
@@ -27,3 +29,9 @@ def write_atomic(path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_tsv(path) -> pd.DataFrame:
+    """A TSV the workflow wrote (tidy metrics, logs, summaries): an empty cell is missing,
+    while text such as "NA" or "None" stays text."""
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])

@@ -93,25 +93,37 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, step: int = 0,
                 update_center: bool = True) -> torch.Tensor:
+        """``teacher_out`` [B, K] (one teacher view, MAD) or [B, G, K] (multi-crop: the
+        teacher's G views are the student's first G views, and a view is never its own
+        target, as in DINO)."""
         if student_out.dim() == 2:
             student_out = student_out.unsqueeze(1)
         B, V, K = student_out.shape
-        if teacher_out.shape != (B, K):
+        multi = teacher_out.dim() == 3
+        G = teacher_out.shape[1] if multi else 1
+        if teacher_out.shape[0] != B or teacher_out.shape[-1] != K or (multi and G > V):
             raise ValueError(f"teacher_out {tuple(teacher_out.shape)} does not match student {(B, V, K)}")
-        t = self.teacher_probs(teacher_out.detach(), step)                  # [B, K]
+        flat = teacher_out.detach().reshape(B * G, K)
+        t = self.teacher_probs(flat, step)                                      # [B*G, K]
         log_s = F.log_softmax(student_out.float() / self.student_temp, dim=-1)  # [B, V, K]
-        ce = -(t.unsqueeze(1) * log_s).sum(-1)                             # [B, V]
-        loss = ce.mean()
-        with torch.no_grad():
-            ent = -(t * torch.log(t.clamp_min(1e-30))).sum(-1)              # [B]
-            self.last_stats = {
-                "teacher_entropy": ent.mean().detach(),
-                # KL(teacher || student) = CE - H(teacher), averaged over views
-                "kl_teacher_student": (ce - ent.unsqueeze(1)).mean().detach(),
-                "teacher_argmax": t.argmax(-1).detach(),
-            }
+        ent = -(t * torch.log(t.clamp_min(1e-30))).sum(-1).detach()         # [B*G]
+        if multi:
+            ce = -(t.view(B, G, 1, K) * log_s.unsqueeze(1)).sum(-1)            # [B, G, V]
+            scored = ~torch.eye(G, V, dtype=torch.bool, device=ce.device)      # not view g vs itself
+            loss = ce[:, scored].mean()
+            kl = (ce.detach() - ent.view(B, G, 1))[:, scored]
+        else:
+            ce = -(t.unsqueeze(1) * log_s).sum(-1)                             # [B, V]
+            loss = ce.mean()
+            kl = ce.detach() - ent.unsqueeze(1)
+        self.last_stats = {
+            "teacher_entropy": ent.mean(),
+            # KL(teacher || student) = CE - H(teacher), averaged over the scored pairs
+            "kl_teacher_student": kl.mean(),
+            "teacher_argmax": t.argmax(-1).detach(),
+        }
         if update_center and self.training and self.centering == "ema":
-            self.update_center(teacher_out)
+            self.update_center(flat)
         return loss
 
     @torch.no_grad()

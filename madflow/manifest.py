@@ -260,6 +260,12 @@ def check_manifest(path, mags, tile_px: int, bad_slides: str, test_frac: float, 
     return checked, rejected
 
 
+def read_checked_manifest(path) -> pd.DataFrame:
+    """The manifest stage's output (results/manifest.tsv) as every later step reads it:
+    slide ids as text, empty cells as empty strings."""
+    return pd.read_csv(path, sep="\t", dtype={"slide_id": str}, keep_default_na=False)
+
+
 def _cause(err: Exception) -> str:
     """Our own errors already name the file and the cause; anything else gets its type."""
     if isinstance(err, (SlideError, LabelError, ValueError)):

@@ -25,6 +25,7 @@ labelled metric is reported with ``value = NaN`` and a ``note`` giving the reaso
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -39,6 +40,7 @@ from sklearn.model_selection import GroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from madflow.hierarchy import ancestor_rows, key_arrays
 from madflow.slides import mag_str, pair_str
 
 __all__ = [
@@ -51,7 +53,6 @@ METRIC_COLUMNS = ["metric", "scope", "value", "ci_low", "ci_high", "note"]
 TIDY_COLUMNS = ["experiment", "encoder", "metric", "scope", "value", "ci_low", "ci_high", "note"]
 DEFAULT_CS = tuple(np.logspace(-3, 2, 6))
 NO_LABELS = "not applicable: no labels"
-_KEY_COLS = ("i", "j", "k", "m")
 
 
 # ----------------------------------------------------------------------------- split
@@ -156,33 +157,6 @@ def _boot_conf(w: np.ndarray, conf: np.ndarray) -> np.ndarray:
     """Resampled confusions (B, C, C) from slide weights (B, S) and per-slide conf (S, C, C)."""
     s, c, _ = conf.shape
     return (w @ conf.reshape(s, c * c)).reshape(-1, c, c)
-
-
-# ----------------------------------------------------------------------------- hierarchy
-def _key_arrays(tiles: pd.DataFrame) -> dict[str, np.ndarray]:
-    out = {}
-    for c in _KEY_COLS:
-        if c in tiles.columns:
-            out[c] = pd.to_numeric(tiles[c], errors="coerce").fillna(-1).to_numpy(np.int64)
-        else:
-            out[c] = np.full(len(tiles), -1, np.int64)
-    return out
-
-
-def _ancestor_index(slide: np.ndarray, keys: dict[str, np.ndarray], rows_a: np.ndarray,
-                    level_a: int, rows_b: np.ndarray) -> np.ndarray:
-    """For each row in ``rows_b`` (finer), the row (in the full table) of its ancestor among
-    ``rows_a`` (at hierarchy level ``level_a``: 0 -> (i, j), 1 -> (i, j, k), ...), or -1."""
-    cols = list(_KEY_COLS[: 2 + level_a])
-    if len(rows_a) == 0 or len(rows_b) == 0:
-        return np.full(len(rows_b), -1, np.int64)
-    mi_a = pd.MultiIndex.from_arrays([slide[rows_a]] + [keys[c][rows_a] for c in cols])
-    dup = mi_a.duplicated()
-    if dup.any():  # defensive: keep the first of duplicated tiles
-        mi_a, rows_a = mi_a[~dup], rows_a[~dup]
-    mi_b = pd.MultiIndex.from_arrays([slide[rows_b]] + [keys[c][rows_b] for c in cols])
-    pos = mi_a.get_indexer(mi_b)
-    return np.where(pos >= 0, rows_a[np.maximum(pos, 0)], -1)
 
 
 # ----------------------------------------------------------------------------- Δhier
@@ -382,304 +356,336 @@ def evaluate(tiles: pd.DataFrame, X: np.ndarray, *, magnifications: Sequence[flo
                      n_clusters, Cs, split_frac, pca)
 
 
-def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed, n_clusters,
-              Cs, split_frac, pca):
-    t0 = tiles.reset_index(drop=True)
-    X = np.asarray(X)
-    if len(t0) != len(X):
-        raise ValueError(f"tiles has {len(t0)} rows but X has {len(X)}")
-    mags = sorted(float(m) for m in magnifications)
-    if not mags:
-        raise ValueError("no magnifications")
-    mag = t0["mag"].to_numpy(float)
-    lev = np.full(len(t0), -1, np.int64)
-    for li, m in enumerate(mags):
-        lev[np.isclose(mag, m)] = li
-    slide = t0["slide_id"].astype(str).to_numpy()
-    rng = np.random.default_rng(seed)
+@dataclass
+class _Data:
+    """What every metric family reads: the tiles, their embeddings, split, labels and the
+    shared bootstrap weights over test slides."""
 
-    # -- split ------------------------------------------------------------------------
-    split_source = "tiles"
-    split = t0["split"] if "split" in t0.columns else pd.Series([None] * len(t0))
+    tiles: pd.DataFrame
+    X: np.ndarray
+    mags: list
+    level: np.ndarray          # index into mags per tile, -1 = not an evaluated magnification
+    slide: np.ndarray
+    split: np.ndarray
+    split_map: dict
+    split_source: str
+    is_test: np.ndarray
+    is_train: np.ndarray
+    test_code: np.ndarray      # index among the test slides, -1 for train tiles
+    n_test_slides: int
+    labels: pd.Series
+    labelled: np.ndarray
+    y: np.ndarray
+    classes: list
+    label_mode: bool
+    why_no_labels: str
+    keys: dict
+    seed: int
+    rng: np.random.Generator
+    boot_w: np.ndarray = None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+def _resolve_split(tiles: pd.DataFrame, slide: np.ndarray, seed: int, split_frac: float):
+    """-> (split per tile, {slide: split}, source): the tiles' own split, else a seeded one."""
+    source = "tiles"
+    split = tiles["split"] if "split" in tiles.columns else pd.Series([None] * len(tiles))
     split = split.where(split.notna(), None).astype(object)
     per_slide = pd.DataFrame({"slide_id": slide, "split": split.to_numpy()})
-    nun = per_slide.dropna().groupby("slide_id")["split"].nunique()
-    if (nun > 1).any():
-        raise ValueError(f"slides in both splits: {sorted(nun[nun > 1].index)}")
+    n_splits = per_slide.dropna().groupby("slide_id")["split"].nunique()
+    if (n_splits > 1).any():
+        raise ValueError(f"slides in both splits: {sorted(n_splits[n_splits > 1].index)}")
     if per_slide["split"].isna().any():
         auto = slide_split(np.unique(slide), frac=split_frac, seed=seed)
         missing = per_slide["split"].isna().to_numpy()
-        fill = np.array([auto[s] for s in slide[missing]], dtype=object)
         split = split.copy()
-        split[missing] = fill
-        split_source = "slide_split(seed=%d, frac=%g)" % (seed, split_frac)
+        split[missing] = np.array([auto[s] for s in slide[missing]], dtype=object)
+        source = "slide_split(seed=%d, frac=%g)" % (seed, split_frac)
     split = split.to_numpy().astype(str)
+    return split, dict(sorted(zip(slide.tolist(), split.tolist()))), source
+
+
+def _prepare(tiles, X, magnifications, min_purity, seed, split_frac) -> _Data:
+    tiles = tiles.reset_index(drop=True)
+    X = np.asarray(X)
+    if len(tiles) != len(X):
+        raise ValueError(f"tiles has {len(tiles)} rows but X has {len(X)}")
+    mags = sorted(float(m) for m in magnifications)
+    if not mags:
+        raise ValueError("no magnifications")
+    mag = tiles["mag"].to_numpy(float)
+    level = np.full(len(tiles), -1, np.int64)
+    for li, m in enumerate(mags):
+        level[np.isclose(mag, m)] = li
+    slide = tiles["slide_id"].astype(str).to_numpy()
+    rng = np.random.default_rng(seed)
+    split, split_map, split_source = _resolve_split(tiles, slide, seed, split_frac)
     is_test = split == "test"
-    is_train = split == "train"
-    split_map = dict(sorted(zip(slide.tolist(), split.tolist())))
     test_slides = np.unique(slide[is_test])
-    slide_code = {s: i for i, s in enumerate(test_slides)}
-    S = len(test_slides)
-    tcode = np.array([slide_code.get(s, -1) for s in slide], np.int64)
-
-    # -- labels -----------------------------------------------------------------------
-    if "label" in t0.columns:
-        lab_raw = t0["label"]
-        has_label = lab_raw.notna().to_numpy() & (lab_raw.astype(str).str.len() > 0).to_numpy()
+    code = {s: i for i, s in enumerate(test_slides)}
+    if "label" in tiles.columns:
+        labels = tiles["label"]
+        has_label = labels.notna().to_numpy() & (labels.astype(str).str.len() > 0).to_numpy()
     else:
-        lab_raw = pd.Series([None] * len(t0))
-        has_label = np.zeros(len(t0), bool)
-    purity = (pd.to_numeric(t0["label_purity"], errors="coerce").to_numpy(float)
-              if "label_purity" in t0.columns else np.full(len(t0), np.nan))
+        labels = pd.Series([None] * len(tiles))
+        has_label = np.zeros(len(tiles), bool)
+    purity = (pd.to_numeric(tiles["label_purity"], errors="coerce").to_numpy(float)
+              if "label_purity" in tiles.columns else np.full(len(tiles), np.nan))
     labelled = has_label & (purity >= min_purity)
-    classes = sorted(lab_raw[labelled].astype(str).unique().tolist())
-    cls_index = {c: i for i, c in enumerate(classes)}
-    y = np.full(len(t0), -1, np.int64)
-    y[labelled] = [cls_index[str(v)] for v in lab_raw[labelled]]
-    C = len(classes)
-    label_mode = C >= 2 and (labelled & is_test).any()
-    if C >= 2 and not label_mode:
-        why_nolab = "not applicable: no labelled test tiles"
-    elif C == 1:
-        why_nolab = "not applicable: only one labelled class"
+    classes = sorted(labels[labelled].astype(str).unique().tolist())
+    class_index = {c: i for i, c in enumerate(classes)}
+    y = np.full(len(tiles), -1, np.int64)
+    y[labelled] = [class_index[str(v)] for v in labels[labelled]]
+    label_mode = len(classes) >= 2 and bool((labelled & is_test).any())
+    if len(classes) >= 2 and not label_mode:
+        why = "not applicable: no labelled test tiles"
+    elif len(classes) == 1:
+        why = "not applicable: only one labelled class"
     else:
-        why_nolab = NO_LABELS
+        why = NO_LABELS
+    return _Data(tiles, X, mags, level, slide, split, split_map, split_source, is_test, split == "train",
+                 np.array([code.get(s, -1) for s in slide], np.int64), len(test_slides), labels, labelled,
+                 y, classes, label_mode, why, key_arrays(tiles), seed, rng)
 
-    boot_w = _slide_weights(rng, S, n_bootstrap)  # shared across slide-level metrics
-    rows: list[dict] = []
-    keys = _key_arrays(t0)
-    artifacts: dict = {"split": split_map, "split_source": split_source, "classes": classes,
-                       "labelled": bool(label_mode), "magnifications": mags}
 
-    # -- probe transfer matrix --------------------------------------------------------
+def _probe_metrics(d: _Data, Cs, cv_folds: int) -> tuple[list, dict, dict]:
+    """Probe transfer matrix BA/F1 (all pairs) and retention R/Rcc; -> rows, probes, notes."""
+    mags, C = d.mags, d.n_classes
+    if not d.label_mode:
+        rows = []
+        for name in ("probe_ba", "probe_f1", "retention", "retention_cc"):
+            rows += [_row(name, pair_str(a, b), note=d.why_no_labels) for a in mags for b in mags]
+        return rows, {}, {}
     probes: dict[float, _Probe | None] = {}
-    ba_point, ba_boot = {}, {}
-    f1_rows, ba_rows, notes = [], [], {}
-    if label_mode:
-        for ai, a in enumerate(mags):
-            tr = labelled & is_train & (lev == ai)
-            if len(np.unique(y[tr])) < 2:
-                probes[a] = None
-                notes[a] = f"not applicable: fewer than 2 labelled classes in train tiles at {mag_str(a)}x"
+    notes: dict = {}
+    for ai, a in enumerate(mags):
+        train = d.labelled & d.is_train & (d.level == ai)
+        if len(np.unique(d.y[train])) < 2:
+            probes[a] = None
+            notes[a] = f"not applicable: fewer than 2 labelled classes in train tiles at {mag_str(a)}x"
+            continue
+        probes[a] = _fit_probe(d.X[train], d.y[train], d.slide[train], Cs, cv_folds, d.seed)
+    ba_point, ba_boot, ba_rows, f1_rows = {}, {}, [], []
+    for a in mags:
+        for bi, b in enumerate(mags):
+            scope = pair_str(a, b)
+            test = d.labelled & d.is_test & (d.level == bi)
+            note = notes.get(a) or ("" if test.any() else f"not applicable: no labelled test tiles at {mag_str(b)}x")
+            if note:
+                ba_rows.append(_row("probe_ba", scope, note=note))
+                f1_rows.append(_row("probe_f1", scope, note=note))
                 continue
-            probes[a] = _fit_probe(X[tr], y[tr], slide[tr], Cs, cv_folds, seed)
-        artifacts["probe_C"] = {mag_str(a): (p.C if p is not None else None)
-                                for a, p in probes.items()}
-        for a in mags:
-            for bi, b in enumerate(mags):
-                sc = pair_str(a, b)
-                te = labelled & is_test & (lev == bi)
-                if probes[a] is None:
-                    ba_rows.append(_row("probe_ba", sc, note=notes[a]))
-                    f1_rows.append(_row("probe_f1", sc, note=notes[a]))
-                    continue
-                if not te.any():
-                    nt = f"not applicable: no labelled test tiles at {mag_str(b)}x"
-                    ba_rows.append(_row("probe_ba", sc, note=nt))
-                    f1_rows.append(_row("probe_f1", sc, note=nt))
-                    continue
-                pred = probes[a].predict(X[te])
-                conf = _confusions(tcode[te], y[te], pred, S, C)
-                tot = conf.sum(0)
-                bc = _boot_conf(boot_w, conf)
-                ba, ba_b = balanced_accuracy_from_confusion(tot), balanced_accuracy_from_confusion(bc)
-                f1, f1_b = macro_f1_from_confusion(tot), macro_f1_from_confusion(bc)
-                ba_point[(a, b)], ba_boot[(a, b)] = float(ba), ba_b
-                ba_rows.append(_row("probe_ba", sc, ba, *bootstrap_ci(ba_b)))
-                f1_rows.append(_row("probe_f1", sc, f1, *bootstrap_ci(f1_b)))
-        rows += ba_rows + f1_rows
-        r_rows, rcc_rows = [], []
-        for a in mags:
-            for b in mags:  # all 9 pairs like the probe; R(a->a) = 1 by construction
-                sc = pair_str(a, b)
-                if (a, b) in ba_point and (a, a) in ba_point:
-                    r = retention(ba_point[(a, b)], ba_point[(a, a)])
-                    rb = retention(ba_boot[(a, b)], ba_boot[(a, a)])
-                    rc = retention_cc(ba_point[(a, b)], ba_point[(a, a)], C)
-                    rcb = retention_cc(ba_boot[(a, b)], ba_boot[(a, a)], C)
-                    n_r = "" if np.isfinite(r) else f"undefined: BA({mag_str(a)}->{mag_str(a)}) = 0"
-                    n_rc = "" if np.isfinite(rc) else \
-                        f"undefined: BA({mag_str(a)}->{mag_str(a)}) = chance (1/{C})"
-                    r_rows.append(_row("retention", sc, r if np.isfinite(r) else np.nan,
-                                       *bootstrap_ci(rb), note=n_r))
-                    rcc_rows.append(_row("retention_cc", sc, rc if np.isfinite(rc) else np.nan,
-                                         *bootstrap_ci(rcb), note=n_rc))
-                else:
-                    nt = notes.get(a, "not applicable: BA(a->a) or BA(a->b) missing")
-                    r_rows.append(_row("retention", sc, note=nt))
-                    rcc_rows.append(_row("retention_cc", sc, note=nt))
-        rows += r_rows + rcc_rows
-    else:
-        for name in ("probe_ba", "probe_f1"):
-            rows += [_row(name, pair_str(a, b), note=why_nolab) for a in mags for b in mags]
-        for name in ("retention", "retention_cc"):
-            rows += [_row(name, pair_str(a, b), note=why_nolab) for a in mags for b in mags]
+            conf = _confusions(d.test_code[test], d.y[test], probes[a].predict(d.X[test]), d.n_test_slides, C)
+            total, boot = conf.sum(0), _boot_conf(d.boot_w, conf)
+            ba, ba_b = balanced_accuracy_from_confusion(total), balanced_accuracy_from_confusion(boot)
+            ba_point[(a, b)], ba_boot[(a, b)] = float(ba), ba_b
+            ba_rows.append(_row("probe_ba", scope, ba, *bootstrap_ci(ba_b)))
+            f1_rows.append(_row("probe_f1", scope, macro_f1_from_confusion(total),
+                                *bootstrap_ci(macro_f1_from_confusion(boot))))
+    return ba_rows + f1_rows + _retention_rows(mags, C, ba_point, ba_boot, notes), probes, notes
 
-    # -- clustering ---------------------------------------------------------------------
-    km_records = []
-    if label_mode:
-        base = labelled & is_test & (lev >= 0)
-        k = C
-    else:
-        base = is_test & (lev >= 0)
-        k = int(n_clusters) if n_clusters else 8
-    idx_g = np.flatnonzero(base)
-    ami_rows, dbi_rows = [], []
-    if len(idx_g) >= 2:
-        cl, _ = _kmeans(X[idx_g], k, seed)
-        km_records.append(pd.DataFrame({"row": idx_g, "scope": "global", "cluster": cl}))
-        if label_mode:
-            ami_rows.append(_row("ami", "global", adjusted_mutual_info_score(y[idx_g], cl)))
-        else:
-            ami_rows.append(_row("ami", "global", note=why_nolab))
-        dbi_rows.append(_row("dbi", "global", _dbi(X[idx_g], cl)))
-        leak = adjusted_mutual_info_score(lev[idx_g], cl)
-        leak_row = _row("mag_leakage", "global", leak)
-    else:
-        nt = "not applicable: fewer than 2 test tiles"
-        ami_rows.append(_row("ami", "global", note=why_nolab if not label_mode else nt))
-        dbi_rows.append(_row("dbi", "global", note=nt))
-        leak_row = _row("mag_leakage", "global", note=nt)
-    for mi, m in enumerate(mags):
-        idx = idx_g[lev[idx_g] == mi]
-        sc = mag_str(m)
+
+def _retention_rows(mags, C: int, ba_point: dict, ba_boot: dict, notes: dict) -> list:
+    r_rows, rcc_rows = [], []
+    for a in mags:
+        for b in mags:  # all 9 pairs like the probe; R(a->a) = 1 by construction
+            scope = pair_str(a, b)
+            if (a, b) not in ba_point or (a, a) not in ba_point:
+                note = notes.get(a, "not applicable: BA(a->a) or BA(a->b) missing")
+                r_rows.append(_row("retention", scope, note=note))
+                rcc_rows.append(_row("retention_cc", scope, note=note))
+                continue
+            r = retention(ba_point[(a, b)], ba_point[(a, a)])
+            rc = retention_cc(ba_point[(a, b)], ba_point[(a, a)], C)
+            n_r = "" if np.isfinite(r) else f"undefined: BA({mag_str(a)}->{mag_str(a)}) = 0"
+            n_rc = "" if np.isfinite(rc) else f"undefined: BA({mag_str(a)}->{mag_str(a)}) = chance (1/{C})"
+            r_rows.append(_row("retention", scope, r if np.isfinite(r) else np.nan,
+                               *bootstrap_ci(retention(ba_boot[(a, b)], ba_boot[(a, a)])), note=n_r))
+            rcc_rows.append(_row("retention_cc", scope, rc if np.isfinite(rc) else np.nan,
+                                 *bootstrap_ci(retention_cc(ba_boot[(a, b)], ba_boot[(a, a)], C)), note=n_rc))
+    return r_rows + rcc_rows
+
+
+def _clustering_metrics(d: _Data, k: int) -> tuple[list, pd.DataFrame]:
+    """k-means AMI and DBI (global and per magnification) and magnification leakage."""
+    base = (d.labelled & d.is_test & (d.level >= 0)) if d.label_mode else (d.is_test & (d.level >= 0))
+    idx_global = np.flatnonzero(base)
+    records, ami_rows, dbi_rows = [], [], []
+
+    def cluster(idx, scope, too_few):
         if len(idx) < 2:
-            nt = f"not applicable: fewer than 2 test tiles at {sc}x"
-            ami_rows.append(_row("ami", sc, note=why_nolab if not label_mode else nt))
-            dbi_rows.append(_row("dbi", sc, note=nt))
-            continue
-        cl, _ = _kmeans(X[idx], k, seed)
-        km_records.append(pd.DataFrame({"row": idx, "scope": sc, "cluster": cl}))
-        if label_mode:
-            ami_rows.append(_row("ami", sc, adjusted_mutual_info_score(y[idx], cl)))
+            ami_rows.append(_row("ami", scope, note=too_few if d.label_mode else d.why_no_labels))
+            dbi_rows.append(_row("dbi", scope, note=too_few))
+            return None
+        clusters, _ = _kmeans(d.X[idx], k, d.seed)
+        records.append(pd.DataFrame({"row": idx, "scope": scope, "cluster": clusters}))
+        if d.label_mode:
+            ami_rows.append(_row("ami", scope, adjusted_mutual_info_score(d.y[idx], clusters)))
         else:
-            ami_rows.append(_row("ami", sc, note=why_nolab))
-        dbi_rows.append(_row("dbi", sc, _dbi(X[idx], cl)))
-    rows += ami_rows + dbi_rows + [leak_row]
-    artifacts["kmeans"] = (pd.concat(km_records, ignore_index=True) if km_records else
-                           pd.DataFrame({"row": [], "scope": [], "cluster": []}))
+            ami_rows.append(_row("ami", scope, note=d.why_no_labels))
+        dbi_rows.append(_row("dbi", scope, _dbi(d.X[idx], clusters)))
+        return clusters
 
-    # -- Δhier ------------------------------------------------------------------------
-    pairs = [(0, 1), (1, 2), (0, 2)] if len(mags) >= 3 else ([(0, 1)] if len(mags) == 2 else [])
-    dh_rows = {"delta_hier": [], "sim_aligned": [], "sim_random": []}
-    dh_frames = []
-    for ai, bi in pairs:
-        sc = pair_str(mags[ai], mags[bi])
-        rows_a = np.flatnonzero(is_test & (lev == ai))
-        rows_b = np.flatnonzero(is_test & (lev == bi))
-        anc = _ancestor_index(slide, keys, rows_a, ai, rows_b)
-        ok = anc >= 0
-        rb, anc = rows_b[ok], anc[ok]
-        par_rows, poc = np.unique(anc, return_inverse=True)
-        df = delta_hier(X[par_rows], X[rb], poc, slide[par_rows], rng)
-        if len(df) == 0:
-            nt = "not applicable: no parents with tissue descendants and another parent on the slide"
-            for name in dh_rows:
-                dh_rows[name].append(_row(name, sc, note=nt))
+    too_few = "not applicable: fewer than 2 test tiles"
+    clusters = cluster(idx_global, "global", too_few)
+    leak_row = (_row("mag_leakage", "global", note=too_few) if clusters is None else
+                _row("mag_leakage", "global", adjusted_mutual_info_score(d.level[idx_global], clusters)))
+    for mi, m in enumerate(d.mags):
+        cluster(idx_global[d.level[idx_global] == mi], mag_str(m),
+                f"not applicable: fewer than 2 test tiles at {mag_str(m)}x")
+    kmeans = (pd.concat(records, ignore_index=True) if records else
+              pd.DataFrame({"row": [], "scope": [], "cluster": []}))
+    return ami_rows + dbi_rows + [leak_row], kmeans
+
+
+DELTA_HIER_COLUMNS = ["pair", "slide_id", "row", "i", "j", "n_children", "sim_aligned", "sim_random", "delta"]
+
+
+def _hier_pairs(mags) -> list[tuple[int, int]]:
+    return [(0, 1), (1, 2), (0, 2)] if len(mags) >= 3 else ([(0, 1)] if len(mags) == 2 else [])
+
+
+def _delta_hier_metrics(d: _Data, n_bootstrap: int) -> tuple[list, pd.DataFrame]:
+    """Δhier, sim_aligned, sim_random per pair (bootstrap over parents) and per-parent values."""
+    names = ["delta_hier", "sim_aligned", "sim_random"]
+    rows = {name: [] for name in names}
+    frames = []
+    for ai, bi in _hier_pairs(d.mags):
+        scope = pair_str(d.mags[ai], d.mags[bi])
+        rows_a = np.flatnonzero(d.is_test & (d.level == ai))
+        rows_b = np.flatnonzero(d.is_test & (d.level == bi))
+        ancestor = ancestor_rows(d.slide, d.keys, rows_a, ai, rows_b)
+        found = ancestor >= 0
+        rows_b, ancestor = rows_b[found], ancestor[found]
+        parent_rows, parent_of_child = np.unique(ancestor, return_inverse=True)
+        per_parent = delta_hier(d.X[parent_rows], d.X[rows_b], parent_of_child, d.slide[parent_rows], d.rng)
+        if len(per_parent) == 0:
+            note = "not applicable: no parents with tissue descendants and another parent on the slide"
+            for name in names:
+                rows[name].append(_row(name, scope, note=note))
             continue
-        vals = df[["delta", "sim_aligned", "sim_random"]].to_numpy()
-        boots = _bootstrap_means(vals, n_bootstrap, rng)
-        for ci, name in enumerate(["delta_hier", "sim_aligned", "sim_random"]):
-            dh_rows[name].append(_row(name, sc, vals[:, ci].mean(), *bootstrap_ci(boots[:, ci])))
-        prow = par_rows[df["parent"].to_numpy()]
-        dh_frames.append(pd.DataFrame({
-            "pair": sc, "slide_id": slide[prow], "row": prow,
-            "i": keys["i"][prow], "j": keys["j"][prow],
-            "n_children": df["n_children"].to_numpy(), "sim_aligned": df["sim_aligned"].to_numpy(),
-            "sim_random": df["sim_random"].to_numpy(), "delta": df["delta"].to_numpy()}))
-    for name in dh_rows:
-        rows += dh_rows[name]
-    artifacts["delta_hier"] = (pd.concat(dh_frames, ignore_index=True) if dh_frames else
-                               pd.DataFrame(columns=["pair", "slide_id", "row", "i", "j",
-                                                     "n_children", "sim_aligned", "sim_random",
-                                                     "delta"]))
+        values = per_parent[["delta", "sim_aligned", "sim_random"]].to_numpy()
+        boots = _bootstrap_means(values, n_bootstrap, d.rng)
+        for ci, name in enumerate(names):
+            rows[name].append(_row(name, scope, values[:, ci].mean(), *bootstrap_ci(boots[:, ci])))
+        prow = parent_rows[per_parent["parent"].to_numpy()]
+        frames.append(pd.DataFrame({
+            "pair": scope, "slide_id": d.slide[prow], "row": prow, "i": d.keys["i"][prow], "j": d.keys["j"][prow],
+            "n_children": per_parent["n_children"].to_numpy(), "sim_aligned": per_parent["sim_aligned"].to_numpy(),
+            "sim_random": per_parent["sim_random"].to_numpy(), "delta": per_parent["delta"].to_numpy()}))
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=DELTA_HIER_COLUMNS)
+    return [r for name in names for r in rows[name]], frame
 
-    # -- segmentation consistency ----------------------------------------------------
-    mid_i = next((i for i, m in enumerate(mags) if np.isclose(m, 10.0)), len(mags) // 2)
-    mid = mags[mid_i]
-    seg_rows = np.flatnonzero(is_test & (lev >= 0))
-    pred_all = np.full(len(t0), -1, np.int64)
-    seg_source, seg_note = None, ""
-    if label_mode and probes.get(mid) is not None:
-        pred_all[seg_rows] = probes[mid].predict(X[seg_rows])
-        seg_source = f"probe_{mag_str(mid)}x"
-    elif label_mode:
-        seg_note = notes.get(mid, f"not applicable: no probe at {mag_str(mid)}x")
-    else:
-        fit_rows = seg_rows[lev[seg_rows] == mid_i]
-        if len(fit_rows) >= 2:
-            _, km = _kmeans(X[fit_rows], k, seed)
-            pred_all[seg_rows] = km.predict(X[seg_rows])
-            seg_source = f"kmeans_{mag_str(mid)}x"
-        else:
-            seg_note = f"not applicable: fewer than 2 test tiles at {mag_str(mid)}x"
-    for ai in range(len(mags)):
-        for bi in range(ai + 1, len(mags)):
-            sc = pair_str(mags[ai], mags[bi])
-            if seg_source is None:
-                rows.append(_row("seg_consistency", sc, note=seg_note))
+
+def _segmentation_maps(d: _Data, probes: dict, notes: dict, k: int) -> tuple[np.ndarray, np.ndarray, str | None, str]:
+    """A class per test tile at every magnification from the probe at 10x (the middle
+    magnification), or from k-means at 10x without labels; -> (rows, predictions, source, note)."""
+    mid_i = next((i for i, m in enumerate(d.mags) if np.isclose(m, 10.0)), len(d.mags) // 2)
+    mid = d.mags[mid_i]
+    seg_rows = np.flatnonzero(d.is_test & (d.level >= 0))
+    pred = np.full(len(d.tiles), -1, np.int64)
+    if d.label_mode and probes.get(mid) is not None:
+        pred[seg_rows] = probes[mid].predict(d.X[seg_rows])
+        return seg_rows, pred, f"probe_{mag_str(mid)}x", ""
+    if d.label_mode:
+        return seg_rows, pred, None, notes.get(mid, f"not applicable: no probe at {mag_str(mid)}x")
+    fit_rows = seg_rows[d.level[seg_rows] == mid_i]
+    if len(fit_rows) < 2:
+        return seg_rows, pred, None, f"not applicable: fewer than 2 test tiles at {mag_str(mid)}x"
+    _, km = _kmeans(d.X[fit_rows], k, d.seed)
+    pred[seg_rows] = km.predict(d.X[seg_rows])
+    return seg_rows, pred, f"kmeans_{mag_str(mid)}x", ""
+
+
+def _segmentation_metrics(d: _Data, probes: dict, notes: dict, k: int) -> tuple[list, pd.DataFrame]:
+    """Consistency of each tile's class with its ancestor's, and mIoU against ground truth."""
+    seg_rows, pred, source, note = _segmentation_maps(d, probes, notes, k)
+    rows, S = [], d.n_test_slides
+    for ai in range(len(d.mags)):
+        for bi in range(ai + 1, len(d.mags)):
+            scope = pair_str(d.mags[ai], d.mags[bi])
+            if source is None:
+                rows.append(_row("seg_consistency", scope, note=note))
                 continue
-            rows_a = seg_rows[lev[seg_rows] == ai]
-            rows_b = seg_rows[lev[seg_rows] == bi]
-            anc = _ancestor_index(slide, keys, rows_a, ai, rows_b)
-            ok = anc >= 0
-            if not ok.any():
-                rows.append(_row("seg_consistency", sc,
-                                 note="not applicable: no tiles with an embedded ancestor"))
+            rows_a = seg_rows[d.level[seg_rows] == ai]
+            rows_b = seg_rows[d.level[seg_rows] == bi]
+            ancestor = ancestor_rows(d.slide, d.keys, rows_a, ai, rows_b)
+            found = ancestor >= 0
+            if not found.any():
+                rows.append(_row("seg_consistency", scope, note="not applicable: no tiles with an embedded ancestor"))
                 continue
-            agree = (pred_all[rows_b[ok]] == pred_all[anc[ok]]).astype(float)
-            g = tcode[rows_b[ok]]
-            num = np.bincount(g, weights=agree, minlength=S)
-            den = np.bincount(g, minlength=S).astype(float)
+            agree = (pred[rows_b[found]] == pred[ancestor[found]]).astype(float)
+            group = d.test_code[rows_b[found]]
+            num = np.bincount(group, weights=agree, minlength=S)
+            den = np.bincount(group, minlength=S).astype(float)
             with np.errstate(invalid="ignore", divide="ignore"):
-                bb = (boot_w @ num) / (boot_w @ den)
-            rows.append(_row("seg_consistency", sc, num.sum() / den.sum(), *bootstrap_ci(bb)))
-    for mi, m in enumerate(mags):
-        sc = mag_str(m)
-        if not label_mode:
-            rows.append(_row("seg_miou", sc, note=why_nolab))
+                boot = (d.boot_w @ num) / (d.boot_w @ den)
+            rows.append(_row("seg_consistency", scope, num.sum() / den.sum(), *bootstrap_ci(boot)))
+    for mi, m in enumerate(d.mags):
+        scope = mag_str(m)
+        test = d.labelled & d.is_test & (d.level == mi)
+        why = (d.why_no_labels if not d.label_mode else note if source is None else
+               "" if test.any() else f"not applicable: no labelled test tiles at {scope}x")
+        if why:
+            rows.append(_row("seg_miou", scope, note=why))
             continue
-        if seg_source is None:
-            rows.append(_row("seg_miou", sc, note=seg_note))
-            continue
-        te = labelled & is_test & (lev == mi)
-        if not te.any():
-            rows.append(_row("seg_miou", sc,
-                             note=f"not applicable: no labelled test tiles at {sc}x"))
-            continue
-        conf = _confusions(tcode[te], y[te], pred_all[te], S, C)
-        rows.append(_row("seg_miou", sc, miou_from_confusion(conf.sum(0)),
-                         *bootstrap_ci(miou_from_confusion(_boot_conf(boot_w, conf)))))
-    pcols = [c for c in ("slide_id", "mag", "i", "j", "k", "m", "x0", "y0", "size0")
-             if c in t0.columns]
-    pred_df = t0.loc[seg_rows, pcols].copy()
-    pred_df.insert(0, "row", seg_rows)
-    pred_df["label"] = np.where(labelled[seg_rows], lab_raw.to_numpy(object)[seg_rows], None)
-    if seg_source is None:
-        pred_df["pred"] = None
-    elif seg_source.startswith("probe"):
-        pred_df["pred"] = np.array(classes, dtype=object)[pred_all[seg_rows]]
+        conf = _confusions(d.test_code[test], d.y[test], pred[test], S, d.n_classes)
+        rows.append(_row("seg_miou", scope, miou_from_confusion(conf.sum(0)),
+                         *bootstrap_ci(miou_from_confusion(_boot_conf(d.boot_w, conf)))))
+    return rows, _predictions_frame(d, seg_rows, pred, source)
+
+
+def _predictions_frame(d: _Data, seg_rows: np.ndarray, pred: np.ndarray, source: str | None) -> pd.DataFrame:
+    columns = [c for c in ("slide_id", "mag", "i", "j", "k", "m", "x0", "y0", "size0") if c in d.tiles.columns]
+    frame = d.tiles.loc[seg_rows, columns].copy()
+    frame.insert(0, "row", seg_rows)
+    frame["label"] = np.where(d.labelled[seg_rows], d.labels.to_numpy(object)[seg_rows], None)
+    if source is None:
+        frame["pred"] = None
+    elif source.startswith("probe"):
+        frame["pred"] = np.array(d.classes, dtype=object)[pred[seg_rows]]
     else:
-        pred_df["pred"] = [f"cluster {c}" for c in pred_all[seg_rows]]
-    pred_df["source"] = seg_source
-    artifacts["predictions"] = pred_df.reset_index(drop=True)
+        frame["pred"] = [f"cluster {c}" for c in pred[seg_rows]]
+    frame["source"] = source
+    return frame.reset_index(drop=True)
 
-    # -- PCA ----------------------------------------------------------------------------
-    if pca and len(X) >= 2 and X.shape[1] >= 2:
-        Z = PCA(n_components=2, random_state=seed).fit_transform(np.asarray(X, np.float64))
-        artifacts["pca"] = pd.DataFrame({
-            "row": np.arange(len(t0)), "slide_id": slide, "mag": mag, "split": split,
-            "label": np.where(labelled, lab_raw.to_numpy(object), None),
-            "pc1": Z[:, 0], "pc2": Z[:, 1]})
 
-    metrics_df = pd.DataFrame(rows, columns=METRIC_COLUMNS)
-    # every missing value says why
+def _pca_frame(d: _Data) -> pd.DataFrame:
+    Z = PCA(n_components=2, random_state=d.seed).fit_transform(np.asarray(d.X, np.float64))
+    return pd.DataFrame({"row": np.arange(len(d.tiles)), "slide_id": d.slide, "mag": d.tiles["mag"].to_numpy(float),
+                         "split": d.split, "label": np.where(d.labelled, d.labels.to_numpy(object), None),
+                         "pc1": Z[:, 0], "pc2": Z[:, 1]})
+
+
+def _explain_missing(metrics_df: pd.DataFrame) -> pd.DataFrame:
+    """Every missing value says why."""
     bad = metrics_df["value"].isna() & (metrics_df["note"] == "")
     dbi = bad & (metrics_df["metric"] == "dbi")
-    metrics_df.loc[dbi, "note"] = ("undefined: Davies-Bouldin needs >= 2 clusters and more "
-                                   "tiles than clusters")
+    metrics_df.loc[dbi, "note"] = "undefined: Davies-Bouldin needs >= 2 clusters and more tiles than clusters"
     metrics_df.loc[bad & ~dbi, "note"] = "undefined: degenerate input"
-    return metrics_df, artifacts
+    return metrics_df
+
+
+def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed, n_clusters,
+              Cs, split_frac, pca):
+    d = _prepare(tiles, X, magnifications, min_purity, seed, split_frac)
+    d.boot_w = _slide_weights(d.rng, d.n_test_slides, n_bootstrap)  # shared by slide-level metrics
+    k = d.n_classes if d.label_mode else (int(n_clusters) if n_clusters else 8)
+    artifacts: dict = {"split": d.split_map, "split_source": d.split_source, "classes": d.classes,
+                       "labelled": bool(d.label_mode), "magnifications": d.mags}
+    probe_rows, probes, notes = _probe_metrics(d, Cs, cv_folds)
+    if d.label_mode:
+        artifacts["probe_C"] = {mag_str(a): (p.C if p is not None else None) for a, p in probes.items()}
+    cluster_rows, artifacts["kmeans"] = _clustering_metrics(d, k)
+    hier_rows, artifacts["delta_hier"] = _delta_hier_metrics(d, n_bootstrap)
+    seg_rows, artifacts["predictions"] = _segmentation_metrics(d, probes, notes, k)
+    if pca and len(d.X) >= 2 and d.X.shape[1] >= 2:
+        artifacts["pca"] = _pca_frame(d)
+    rows = probe_rows + cluster_rows + hier_rows + seg_rows
+    return _explain_missing(pd.DataFrame(rows, columns=METRIC_COLUMNS)), artifacts
 
 
 def tidy(metrics_df: pd.DataFrame, experiment: str, encoder: str) -> pd.DataFrame:

@@ -220,12 +220,13 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_encoder(path: str, backbone: nn.Module | None, meta: dict) -> None:
+def save_encoder(path: str, backbone: nn.Module | None, meta: dict, head: nn.Module | None = None) -> None:
     """Write ``{'meta': meta, 'state_dict': backbone weights}`` atomically.
 
     ``meta`` must hold plain python values and, for a network, ``arch``, ``kwargs`` and
     ``img_size`` so that :func:`load_encoder` can rebuild it. ``backbone=None`` writes a
-    meta-only file (used by the ``color_stats`` experiment, which has no network).
+    meta-only file (used by the ``color_stats`` experiment, which has no network). ``head``:
+    the DINO head too, for a later stage that starts from this encoder (train ``init``).
     """
     if backbone is not None:
         for key in ("arch", "kwargs", "img_size"):
@@ -236,7 +237,10 @@ def save_encoder(path: str, backbone: nn.Module | None, meta: dict) -> None:
         sd = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     else:
         sd = None
-    atomic_torch_save({"format": "madflow-encoder-v1", "meta": dict(meta), "state_dict": sd}, path)
+    obj = {"format": "madflow-encoder-v1", "meta": dict(meta), "state_dict": sd}
+    if head is not None:
+        obj["head_state_dict"] = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    atomic_torch_save(obj, path)
 
 
 def load_encoder(path: str, map_location: str | torch.device = "cpu"):

@@ -13,10 +13,10 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from madflow import labels as labels_mod
+from madflow.hierarchy import GRID_KEYS
 from madflow.io import write_atomic
 from madflow.slides import SlideReader, choose_levels, footprint_size, mag_str
 
-INDEX_COLUMNS = ["i", "j", "k", "m"]  # grid index per depth: (i, j), then k, then m
 
 
 def ratios(mags) -> list[int]:
@@ -38,8 +38,8 @@ def build_grid(width: int, height: int, base_mag: float, mags, tile_px: int) -> 
     Coarsest tiles (i, j) start at (j*S, i*S); the grid covers the slide (the last row and
     column may run past its edge; those pixels read as background)."""
     mags = sorted(float(m) for m in mags)
-    if len(mags) > len(INDEX_COLUMNS) - 1:
-        raise ValueError(f"at most {len(INDEX_COLUMNS) - 1} magnifications are supported")
+    if len(mags) > len(GRID_KEYS) - 1:
+        raise ValueError(f"at most {len(GRID_KEYS) - 1} magnifications are supported")
     steps = ratios(mags)
     size = footprint_size(tile_px, base_mag, mags[0])
     ny, nx = -(-height // size), -(-width // size)
@@ -53,7 +53,7 @@ def build_grid(width: int, height: int, base_mag: float, mags, tile_px: int) -> 
         dy, dx = np.divmod(np.arange(r * r), r)
         cols = {name: np.repeat(vals, r * r) for name, vals in cols.items()}
         n_parents = len(cols["x0"]) // (r * r)
-        cols[INDEX_COLUMNS[depth + 1]] = np.tile(r * dy + dx, n_parents)
+        cols[GRID_KEYS[depth + 1]] = np.tile(r * dy + dx, n_parents)
         cols["x0"] = cols["x0"] + np.tile(dx, n_parents) * child
         cols["y0"] = cols["y0"] + np.tile(dy, n_parents) * child
         size = child
@@ -66,7 +66,7 @@ def _frame(mag, cols, size, tile_px) -> pd.DataFrame:
     df = pd.DataFrame({"mag": np.full(n, mag, np.float64)})
     df["i"] = cols["i"].astype(np.int32)
     df["j"] = cols["j"].astype(np.int32)
-    for name in INDEX_COLUMNS[2:]:
+    for name in GRID_KEYS[2:]:
         df[name] = pd.array(cols[name] if name in cols else [pd.NA] * n, dtype="Int32")
     df["x0"] = cols["x0"].astype(np.int64)
     df["y0"] = cols["y0"].astype(np.int64)

@@ -1,20 +1,22 @@
 # Helpers shared by the rules (the only place for Python functions, per snakemake --lint).
 import json
+import shlex
 from pathlib import Path
 
 import pandas as pd
 from snakemake.utils import validate
 
+from madflow.config import resolve_train_config
+from madflow.labels import label_files
 from madflow.manifest import (
     SLIDE_ID_PATTERN,
     file_fingerprint,
     input_files,
     require_split,
 )
-from madflow.labels import label_files
+from madflow.modes import get_mode
 from madflow.slides import mag_str
 from madflow.timm_names import unknown_archs
-from madflow.train_config import resolve_train_config
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -23,10 +25,6 @@ MAGS = sorted(float(m) for m in config["tiling"]["magnifications"])
 EXPERIMENTS = list(config["experiments"])
 SEEDS = [int(s) for s in config["train"]["seeds"]]
 STUDY_SEEDS = [int(s) for s in config["study"]["seeds"]]
-# experiments without a network to train: their "encoder" is built directly
-UNTRAINED_MODES = {"random_init", "color_stats", "external"}
-# ... and those that need no pretrain job at all (the embed step builds them)
-NO_PRETRAIN_MODES = {"color_stats", "external"}
 # fail at parse time, naming the key, on a misspelt train or experiment setting
 for _name, _exp in config["experiments"].items():
     resolve_train_config(config, {"name": _name, **_exp})
@@ -138,6 +136,28 @@ def experiment_settings(name):
     return {"mode": "mad", **config["experiments"][name]}
 
 
+def experiment_mode(name):
+    """The registry entry (madflow.modes) of an experiment's mode."""
+    return get_mode(config["experiments"][name].get("mode"))
+
+
+def experiment_train_config(name):
+    """An experiment's resolved training settings (defaults, `train:`, its overrides)."""
+    return resolve_train_config(config, {"name": name, **config["experiments"][name]})[1]
+
+
+def init_encoder(wildcards):
+    """The encoder an experiment starts from (its `init` experiment, same seed), or none."""
+    init = experiment_train_config(wildcards.experiment).get("init")
+    if not init or not experiment_mode(wildcards.experiment).trains:
+        return []
+    return f"{RESULTS}/{init}/seed{wildcards.seed}/encoder.pt"
+
+
+def init_argument(wildcards, input):
+    return f"--init {shlex.quote(input.init)}" if input.init else ""
+
+
 def embeddings(wildcards):
     split_slide_ids("test", "evaluation")
     return expand(
@@ -147,7 +167,7 @@ def embeddings(wildcards):
 
 
 def encoder_input(wildcards):
-    if experiment_settings(wildcards.experiment)["mode"] in NO_PRETRAIN_MODES:
+    if not experiment_mode(wildcards.experiment).pretrain_job:
         return []
     return f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/encoder.pt"
 
@@ -160,14 +180,14 @@ def train_logs(wildcards):
     return {
         e: f"{RESULTS}/{e}/seed{SEEDS[0]}/train_log.tsv"
         for e in EXPERIMENTS
-        if experiment_settings(e)["mode"] not in UNTRAINED_MODES
+        if experiment_mode(e).trains
     }
 
 
 def pretrain_launcher(wildcards, resources):
-    """torchrun with one process per GPU granted to the job, else plain python (always for the
-    supervised control, a small single-process calibration run)."""
+    """torchrun with one process per GPU granted to the job, where the mode can run under
+    DDP; else plain python (the supervised control is a small single-process run)."""
     gpus = int(resources.get("gpu", 0) or 0)
-    if gpus > 1 and experiment_settings(wildcards.experiment)["mode"] != "supervised":
+    if gpus > 1 and experiment_mode(wildcards.experiment).distributed:
         return f"torchrun --standalone --nproc_per_node={gpus}"
     return "python"

@@ -15,6 +15,7 @@ rule pretrain:
     input:
         config=f"{RESULTS}/{{experiment}}/config.json",
         tables=train_tables,
+        init=init_encoder,
     output:
         encoder=f"{RESULTS}/{{experiment}}/seed{{seed}}/encoder.pt",
         train_log=f"{RESULTS}/{{experiment}}/seed{{seed}}/train_log.tsv",
@@ -27,13 +28,14 @@ rule pretrain:
     threads: 2
     params:
         launcher=pretrain_launcher,
+        init=init_argument,
         # checkpoints live beside, not as declared outputs: Snakemake deletes declared
         # outputs of a killed job, and a rerun must resume from them
         out_dir=lambda wildcards, output: str(Path(output.encoder).parent),
     shell:
         "{params.launcher} -m madflow.train --config {input.config:q}"
         " --experiment {wildcards.experiment:q} --tables {input.tables:q}"
-        " --out {params.out_dir:q} --seed {wildcards.seed:q} > {log:q} 2>&1"
+        " --out {params.out_dir:q} --seed {wildcards.seed:q} {params.init} > {log:q} 2>&1"
 
 
 rule embed:

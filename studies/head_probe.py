@@ -15,7 +15,8 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from madflow.data import IMAGENET_MEAN, IMAGENET_STD, tile_standardise
+from madflow.data.augment import pixels_to_input
+from madflow.manifest import read_checked_manifest
 from madflow.model import MADModel
 from madflow.slides import SlideReader
 
@@ -25,8 +26,7 @@ model = MADModel.from_config(ck["model_config"], 64)
 model.teacher.load_state_dict(ck["teacher"])
 teacher = model.teacher.eval()
 tile_norm = bool(ck["train_config"].get("tile_norm", False))
-mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-split = pd.read_csv("results/manifest.tsv", sep="\t")
+split = read_checked_manifest("results/manifest.tsv")
 rng = np.random.default_rng(0)
 feats = {"CLS token": [], "head bottleneck": [], "prototype logits": []}
 meta = []
@@ -34,8 +34,7 @@ for sid, part in zip(split.slide_id, split.split):
     g = pd.read_parquet(f"results/tiles/{sid}.parquet")
     g = g[g.tissue & (g.label_purity >= 0.8) & g.mag.isin([10, 40])]
     g = g[(g.mag == 10) | (rng.random(len(g)) < 0.15)].reset_index(drop=True)
-    x = torch.from_numpy(SlideReader(g.path.iloc[0]).read_tiles(g)).permute(0, 3, 1, 2).float() / 255
-    x = tile_standardise(x) if tile_norm else (x - mean) / std
+    x = pixels_to_input(SlideReader(g.path.iloc[0]).read_tiles(g), tile_norm)
     for i in range(0, len(x), 512):
         f = teacher.backbone(x[i:i + 512])
         for name, v in zip(feats, (f, teacher.head.mlp(f), teacher.head(f))):

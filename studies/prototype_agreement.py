@@ -13,7 +13,8 @@ import pandas as pd
 import torch
 from sklearn.metrics import adjusted_mutual_info_score
 
-from madflow.data import IMAGENET_MEAN, IMAGENET_STD, tile_standardise
+from madflow.data.augment import pixels_to_input
+from madflow.manifest import read_checked_manifest
 from madflow.model import MADModel
 from madflow.slides import SlideReader
 
@@ -26,16 +27,14 @@ model.student.load_state_dict(ck["student"])
 model.teacher.eval()
 model.student.eval()
 tile_norm = bool(ck["train_config"].get("tile_norm", False))
-mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def prototypes(reader, rows, net):
-    x = torch.from_numpy(reader.read_tiles(rows)).permute(0, 3, 1, 2).float() / 255
-    x = tile_standardise(x) if tile_norm else (x - mean) / std
+    x = pixels_to_input(reader.read_tiles(rows), tile_norm)
     return torch.cat([net(x[i:i + 256]) for i in range(0, len(x), 256)]).argmax(1).numpy()
 
 
-split = pd.read_csv("results/manifest.tsv", sep="\t")
+split = read_checked_manifest("results/manifest.tsv")
 rng = np.random.default_rng(0)
 parents, children, agree, agree_random = [], [], [], []
 for sid in split[split.split == "test"].slide_id:

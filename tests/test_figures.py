@@ -9,6 +9,7 @@ import pytest
 
 from madflow import figures as F
 from madflow import metrics as M
+from madflow.summary import summary_table
 
 MAGS = [2.5, 10.0, 40.0]
 
@@ -145,7 +146,7 @@ def test_tsv_roundtrip_inputs(runs, tmp_path):
 
 def test_summary_table(runs):
     dfs = [r[1] for r in runs.values()]
-    s = F.summary_table(dfs)
+    s = summary_table(dfs)
     assert s.experiment.tolist() == ["mad", "shuffled", "external:foo"]
     assert {"BA(10->40)", "R(10->40)", "Rcc(10->40)", "AMI(global)", "DBI(global)",
             "mag_leakage", "Δhier(10->40)"} <= set(s.columns)
@@ -156,10 +157,10 @@ def test_summary_table(runs):
     assert np.isfinite(s.loc[2, "Δhier(10->40)"])
     # seeds: mean +- sd
     two = [mad.assign(seed=0), mad.assign(seed=1, value=mad.value + 0.1)]
-    s2 = F.summary_table(two)
+    s2 = summary_table(two)
     assert len(s2) == 1 and s2.n_runs.iloc[0] == 2
     assert s2.loc[0, "R(10->40)"] == pytest.approx(want + 0.05)
     assert s2.loc[0, "R(10->40) sd"] == pytest.approx(np.std([want, want + 0.1], ddof=1))
-    f = F.summary_table(two, formatted=True)
+    f = summary_table(two, formatted=True)
     assert "±" in f.loc[0, "R(10->40)"]
-    assert F.summary_table(dfs, formatted=True).loc[2, "R(10->40)"] == "n/a"
+    assert summary_table(dfs, formatted=True).loc[2, "R(10->40)"] == "n/a"

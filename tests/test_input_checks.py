@@ -25,7 +25,8 @@ from madflow.sample_size import flag_small_samples
 from madflow.synth import write_pyramid
 from madflow.tiling import tile_slide
 from madflow.timm_names import is_timm_model, unknown_archs
-from madflow.train_config import TRAIN_DEFAULTS
+from madflow.config import TRAIN_DEFAULTS
+from madflow.modes import MODES
 from test_metrics import make_tiles
 
 MAGS = [2.5, 10.0, 40.0]
@@ -227,6 +228,7 @@ def test_schema_accepts_shipped_configs_and_covers_every_train_setting():
         validate(merged_config(overrides), SCHEMA)
     schema = yaml.safe_load(Path(SCHEMA).read_text())
     assert set(schema["$defs"]["train_settings"]["properties"]) == set(TRAIN_DEFAULTS)
+    assert set(schema["$defs"]["experiment"]["properties"]["mode"]["enum"]) == set(MODES)
 
 
 def test_timm_names_known_without_import():

@@ -68,7 +68,7 @@ def test_background_white_and_tissue_saturated(slide):
     path, _, _ = slide
     with tifffile.TiffFile(path) as tf:
         img = tf.pages[1].asarray().astype(np.float64)
-    P = synth._Slide(3, SIZE)
+    P = synth.SlideModel(3, SIZE)
     tis = np.repeat(np.repeat(P.tis_grid, 4, 0), 4, 1)[: SIZE // 4, : SIZE // 4]
     mx, mn = img.max(-1), img.min(-1)
     sat = (mx - mn) / np.maximum(mx, 1)
@@ -131,7 +131,7 @@ def test_geojson_labels(slide):
 
 def test_class_regions_large_enough():
     """Many 2.5x tile footprints (1024 px) are >= 80% one class on a 4096 slide."""
-    P = synth._Slide(0, 4096)
+    P = synth.SlideModel(0, 4096)
     lab = np.where(P.tis_grid, P.cls_grid.astype(int), -1)
     pure = set()
     n = 0
@@ -206,7 +206,7 @@ def test_no_colour_shortcut(tmp_path):
     man = synth.make_demo(tmp_path, n_slides=n, size=size, seed=0, n_test=2)
     mu = {}
     for k in range(n):
-        P = synth._Slide(synth.slide_seed(0, k), size)
+        P = synth.SlideModel(synth.slide_seed(0, k), size)
         for c, means in _pure_tile_means(man.parent / f"slide_{k:02d}.svs", P, size).items():
             mu[k, c] = np.mean(means, 0)
     within = [np.linalg.norm(mu[s, c] - mu[s, c2])

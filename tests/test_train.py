@@ -135,7 +135,8 @@ def tiny_cfg(steps=4, **train):
         "experiments": {"mad": {}, "same_mag": {"mode": "same_mag"}, "shuffled": {"mode": "shuffled"},
                         "interp": {"mode": "interp"}, "pair_10_40": {"pairs": {"10->40": 1.0}},
                         "tri": {"mode": "tri"}, "random_init": {"mode": "random_init"},
-                        "color_stats": {"mode": "color_stats"}},
+                        "color_stats": {"mode": "color_stats"}, "base": {"mode": "dino"},
+                        "mad_from_base": {"init": "base"}},
     }
     cfg["train"].update(train)
     return cfg
@@ -323,7 +324,7 @@ def test_same_mag_weight_mixes_plain_dino_batches(index):
 
 
 def test_unknown_train_settings_are_errors():
-    from madflow.train_config import resolve_train_config
+    from madflow.config import resolve_train_config
 
     cfg = tiny_cfg()
     assert resolve_train_config(cfg, {"same_mag_weight": [0.5, 0.1]})[1]["same_mag_weight"] == [0.5, 0.1]
@@ -568,3 +569,52 @@ def test_ddp_two_ranks_identical_weights(slides, tmp_path):
     logdf = pd.read_csv(out / "train_log.tsv", sep="\t")
     assert logdf.step.tolist() == [0, 1, 2]
     assert os.path.isfile(out / "encoder.pt")
+
+
+# ----------------------------------------------------------------------------- two stages
+def test_pooled_multicrop_batches(index):
+    """Stage 1 (mode dino): tiles of every magnification in one batch; the teacher sees the
+    student's two global crops, augmented once; local crops are smaller fields of the tile."""
+    ds = _ds(index, "dino", aug=False)
+    rows = ds.rows_for_step(3)
+    assert rows["group"] == "2.5+10+40" and rows["children"].shape == (8, 0)
+    assert len(set(index.mag[rows["parents"]])) > 1
+    batch = ds.batch_for_step(3)
+    assert batch["teacher"].shape == (8, 2, 3, T, T) and batch["student"].shape == (8, 6, 3, T, T)
+    assert torch.equal(batch["teacher"], batch["student"][:, :2])
+    boxes = D.dataset.MultiCrop(n_local=4).boxes(100, T, np.random.default_rng(0)).reshape(100, 6, 5)
+    area = (boxes[..., 3] - boxes[..., 1]) * (boxes[..., 4] - boxes[..., 2]) / T ** 2
+    assert (area[:, :2] >= 0.5 * 0.74).all() and (area[:, 2:] <= 0.4 + 1e-9).all()
+    assert (boxes[..., 1] >= 0).all() and (boxes[..., 3] <= T + 1e-9).all()
+
+
+def test_multiview_teacher_loss_skips_each_views_own_target():
+    from madflow.loss import DINOLoss
+
+    torch.manual_seed(0)
+    loss = DINOLoss(16, 0.1, 0.04).eval()
+    student, teacher = torch.randn(4, 5, 16), torch.randn(4, 2, 16)
+    got = loss(student, teacher, 0)
+    t = torch.softmax(teacher / 0.04, -1)
+    log_s = torch.log_softmax(student / 0.1, -1)
+    want = torch.stack([-(t[:, g] * log_s[:, v]).sum(-1) for g in range(2) for v in range(5) if v != g]).mean()
+    torch.testing.assert_close(got, want)
+
+
+def test_stage_two_starts_from_stage_one(slides, tmp_path):
+    cfg = tiny_cfg(steps=2, checkpoint_every=0)
+    _train_tables(cfg, slides, str(tmp_path / "base"), exp="base")
+    base = torch.load(tmp_path / "base" / "encoder.pt", weights_only=True)
+    assert base["head_state_dict"] and base["meta"]["teacher_initial_share"] < 1
+    with pytest.raises(ValueError, match="init"):
+        _train_tables(cfg, slides, str(tmp_path / "nope"), exp="mad_from_base")
+    cfg0 = tiny_cfg(steps=1, checkpoint_every=0, lr=0.0, min_lr=0.0, momentum=[1.0, 1.0])
+    out = _train_tables(cfg0, slides, str(tmp_path / "mad"), exp="mad_from_base",
+                        init_path=str(tmp_path / "base" / "encoder.pt"))
+    # with lr 0 and momentum 1 the stage-2 teacher is still exactly stage 1
+    for k, v in out["model"].teacher.backbone.state_dict().items():
+        assert torch.equal(v, base["state_dict"][k]), k
+    with pytest.raises(ValueError, match="another experiment"):
+        from madflow.config import resolve_train_config
+
+        resolve_train_config(cfg, {"name": "base", "mode": "dino", "init": "base"})

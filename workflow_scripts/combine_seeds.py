@@ -5,16 +5,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from madflow.io import write_atomic
+from madflow.io import read_tsv, write_atomic
 from madflow.runlog import setup
+from madflow.summary import seed_summary
 
 log = setup(snakemake.log[0])
-table = pd.concat([pd.read_csv(p, sep="\t", keep_default_na=False, na_values=[""]) for p in snakemake.input.metrics])
-stats = table.groupby(["metric", "scope"])["value"].agg(["mean", "std", "count"]).reset_index()
-summary = {
-    f"{r.metric}[{r.scope}]": {"mean": r.mean, "sd": r.std, "n_seeds": int(r.count)}
-    for r in stats.itertuples()
-}
+table = pd.concat([read_tsv(p) for p in snakemake.input.metrics])
+summary = seed_summary(table)
 write_atomic(snakemake.output.summary, lambda t: Path(t).write_text(json.dumps(summary, indent=2)))
 write_atomic(snakemake.output.metrics, lambda t: table.to_csv(t, sep="\t", index=False))
 log.info("%d rows from %d seed(s)", len(table), table["seed"].nunique())

@@ -14,5 +14,6 @@ out = make_demo(
     seed=snakemake.params.seed,
     n_test=demo["n_test"],
     workers=snakemake.threads,
+    variant=demo.get("variant", "shared"),
 )
 log.info("wrote %s", out)

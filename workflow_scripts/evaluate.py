@@ -9,13 +9,14 @@ import pandas as pd
 
 from madflow.embed import load_embeddings
 from madflow.io import write_atomic
+from madflow.manifest import read_checked_manifest
 from madflow.metrics import evaluate, tidy
 from madflow.runlog import setup
 from madflow.sample_size import flag_small_samples
 
 log = setup(snakemake.log[0])
 p = snakemake.params
-manifest = pd.read_csv(snakemake.input.manifest, sep="\t", dtype={"slide_id": str}, keep_default_na=False)
+manifest = read_checked_manifest(snakemake.input.manifest)
 tiles, X = load_embeddings(snakemake.input.embeddings, snakemake.input.tables)
 tiles["split"] = tiles["slide_id"].map(manifest.set_index("slide_id")["split"])
 log.info("%d embedded tiles, %d slides, dim %d", len(tiles), tiles["slide_id"].nunique(), X.shape[1])

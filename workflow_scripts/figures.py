@@ -5,6 +5,8 @@ from pathlib import Path
 import pandas as pd
 
 from madflow import figures as fig
+from madflow.io import read_tsv
+from madflow.manifest import read_checked_manifest
 from madflow.runlog import setup
 
 log = setup(snakemake.log[0])
@@ -13,16 +15,12 @@ out = Path(snakemake.output.figures)
 out.mkdir(parents=True, exist_ok=True)
 
 
-def read_tsv(path):
-    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
-
-
 def with_experiment(paths):
     return pd.concat([pd.read_parquet(f).assign(experiment=e) for e, f in zip(p.experiments, paths)], ignore_index=True)
 
 
 metrics = pd.concat([read_tsv(f) for f in inp.metrics], ignore_index=True)
-manifest = read_tsv(inp.manifest)
+manifest = read_checked_manifest(inp.manifest)
 test_slides = sorted(manifest.loc[manifest["split"] == "test", "slide_id"].astype(str))
 tiles = pd.concat([pd.read_parquet(f) for f in inp.tables], ignore_index=True)
 

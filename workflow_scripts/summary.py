@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from madflow.figures import SUMMARY_METRICS, summary_table
-from madflow.io import write_atomic
+from madflow.io import read_tsv, write_atomic
 from madflow.runlog import setup
+from madflow.summary import SUMMARY_METRICS, summary_table
 
 
 def headline_notes(table: pd.DataFrame) -> str:
@@ -20,7 +20,7 @@ def headline_notes(table: pd.DataFrame) -> str:
 
 
 log = setup(snakemake.log[0])
-tables = [pd.read_csv(p, sep="\t", keep_default_na=False, na_values=[""]) for p in snakemake.input.metrics]
+tables = [read_tsv(p) for p in snakemake.input.metrics]
 summary = summary_table(tables)
 metrics = pd.concat(tables, ignore_index=True)
 summary["notes"] = [headline_notes(metrics[metrics["experiment"].astype(str) == e]) for e in summary["experiment"]]

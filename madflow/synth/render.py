@@ -1,54 +1,21 @@
-"""Procedural H&E-like whole-slide images: the embedded synthetic benchmark.
-
-Writes Aperio-style pyramidal TIFF (``.svs``) that OpenSlide opens as vendor ``aperio``
-(objective power 40, MPP 0.25, levels at downsample 1/4/16, 256 px JPEG tiles) plus a
-QuPath-style GeoJSON ground truth (one MultiPolygon feature per class, level-0 px).
-
-Design (see SPEC section 7):
-
-* Everything is rendered at level 0 (40x, 0.25 um/px) in physical units, so the
-  box-downsampled pyramid shows each scale by itself: nuclei at 40x (16 um tile field),
-  cell arrangement and fibres at 10x (64 um), architecture at 2.5x (256 um).
-* The class layout is a domain-warped Voronoi partition on a 16 px label grid (shared
-  with the GeoJSON, so the labels are exact); the tissue mask is the slide minus an
-  irregular margin and a few tears.
-* Rendering is fully procedural (hashed value noise, jittered-grid point processes,
-  stamped nucleus sprites), so any rectangle can be rendered on its own: level 0 is
-  written tile row by tile row from a generator and memory stays modest for any size.
-* No colour shortcut: each class is first rendered as canonical H&E optical density;
-  then each OD channel of each class is rank-transformed (histogram matched, exactly,
-  from a first pass over the slide) to one shared reference distribution (the 1-D
-  Wasserstein barycentre of the classes), and only then is the per-slide stain variation
-  (jittered H and E vectors and intensities, background tint) applied. Class means and
-  per-channel marginals are therefore equal within a slide, while stains vary across slides.
-* Scale confusers: tumour nuclei at 40x (8-13 um = 32-52 px), lymphoid micro-aggregates at
-  10x (32-48 um = 32-48 px) and necrotic debris clumps at 2.5x (~120-180 um = 30-45 px)
-  are dark round blobs of the same pixel size.
-"""
+"""The procedural tissue model and renderer of the synthetic slides (design: madflow.synth)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 
-from madflow.io import write_atomic
+from madflow.synth.pyramid import TILE
 
 CLASSES: list[str] = ["tumor", "stroma", "lymphoid", "necrosis"]
 CLASS_COLORS = {"tumor": [200, 0, 0], "stroma": [150, 200, 150], "lymphoid": [160, 90, 160],
                 "necrosis": [50, 50, 50]}
 
 PX_PER_UM = 4.0          # level 0 = 40x = 0.25 um/px
-TILE = 256               # stored tile side (all levels)
 CELL = 16                # label grid cell, level-0 px (4 um)
 REGION = 1024            # class-region block, level-0 px (256 um)
 ARCH = 8                 # architecture field grid, level-0 px (2 um)
 NB = 1024                # OD histogram bins
 ODMAX = 3.0
-JPEG_Q = 90
 _NOISE = 512             # side of the periodic noise tiles (level-0 px)
 
 # canonical stain OD vectors (Ruifrok & Johnston), rows H, E
@@ -146,12 +113,27 @@ def _smoothstep(a, b, x):
 
 
 # --------------------------------------------------------------------------- slide params
-class _Slide:
+# Benchmark variants. "shared": each class keeps its identity across scales through
+# structure (no look-alikes between scales), and cells are small enough (cell_scale) that a
+# 16 um 40x field of the demo's 64 px tiles holds several of them. "confusers": the hard
+# variant, in which each class resembles another class at the next scale (tumour nuclei at
+# 40x, lymphoid micro-aggregates at 10x and necrotic debris clumps at 2.5x are dark round
+# blobs of the same pixel size) and nuclei are 8-13 um.
+VARIANTS = {"shared": {"cell_scale": 0.6, "confusers": False},
+            "confusers": {"cell_scale": 1.0, "confusers": True}}
+
+
+class SlideModel:
     """All per-slide random parameters, drawn once from the seed."""
 
-    def __init__(self, seed: int, size: int):
+    def __init__(self, seed: int, size: int, variant: str = "shared"):
         if size % TILE or size < TILE:
             raise ValueError(f"size must be a positive multiple of {TILE}, got {size}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown demo variant {variant!r}; known: {sorted(VARIANTS)}")
+        self.variant = variant
+        self.cell_scale = VARIANTS[variant]["cell_scale"]
+        self.confusers = VARIANTS[variant]["confusers"]
         self.seed = int(seed)
         self.size = int(size)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x5EED]))
@@ -165,7 +147,7 @@ class _Slide:
         self.fibre_dir = float(rng.uniform(0, np.pi))
         self.fibre_lambda = _um(3.2) * j()
         self.bundle_lambda = _um(45) * j()
-        self.nuc_scale = [j(0.9, 1.1) for _ in CLASSES]
+        self.nuc_scale = [j(0.9, 1.1) * self.cell_scale for _ in CLASSES]
         # stain variation (applied after the per-class rank transform)
         vh = np.clip(_VH + rng.normal(0, 0.08, 3), 0.02, None)
         ve = np.clip(_VE + rng.normal(0, 0.08, 3), 0.02, None)
@@ -259,13 +241,15 @@ class _Slide:
             ra = _um(16) + _um(8) * a1             # 32-48 um aggregates (10x confuser)
             agg = 1 - _smoothstep(ra - _um(3), ra + _um(3), d2)
             base = 0.8 + 0.2 * foll * (1 - gc) - 0.25 * gc
-            dens = base * (0.5 + 0.5 * agg)
+            dens = base * (0.5 + 0.5 * agg) if self.confusers else 0.6 * base
             ecm = 0.28 + 0.25 * gc
         else:  # necrosis: geographic debris clumps (2.5x confuser) in granular eosin
             dj = _um(25) * (_fbm(X, Y, _um(40), k + 7, 2) - 0.5) * 2
             d, h1, _ = _worley(X, Y, self.clump_sp, k, 0.8)
             rc = _um(55) + _um(35) * h1
             clump = 1 - _smoothstep(rc - _um(10), rc + _um(10), d + dj)
+            if not self.confusers:  # debris spread evenly, no clumps
+                clump = 0.3 * _fbm(X, Y, _um(40), k + 9, 2)
             dens = 0.12 + 0.88 * clump
             ecm = 0.75 - 0.3 * clump
         return np.asarray(dens, np.float32), np.asarray(ecm, np.float32)
@@ -398,7 +382,7 @@ def _tile_noise(t, x0, y0, w, h):
     return t[rows][:, cols]
 
 
-def _render_rect(P: _Slide, x0, y0, w, h):
+def _render_rect(P: SlideModel, x0, y0, w, h):
     """Canonical-stain rendering of a rect.
 
     Returns (tissue alpha (h, w) uint8 0..255, index (h, w, 3) uint16) where index =
@@ -433,7 +417,7 @@ def _render_rect(P: _Slide, x0, y0, w, h):
     M = 48
     H = np.zeros((h + 2 * M, w + 2 * M), np.float32)
     for bank_id, spacing_um, jit, c in _PROCS:
-        s = _um(spacing_um)
+        s = _um(spacing_um * P.cell_scale)
         i0, i1 = int(np.floor((x0 - M) / s)), int(np.floor((x0 + w + M) / s))
         j0, j1 = int(np.floor((y0 - M) / s)), int(np.floor((y0 + h + M) / s))
         ix, iy = np.meshgrid(np.arange(i0, i1 + 1), np.arange(j0, j1 + 1))
@@ -533,18 +517,18 @@ def _render_rect(P: _Slide, x0, y0, w, h):
     return m.astype(np.uint8), q
 
 
-def _rects(size):
+def tile_bands(size):
     cw = min(size, 2048)
     for y0 in range(0, size, TILE):
         yield y0, [(x0, min(cw, size - x0)) for x0 in range(0, size, cw)]
 
 
-def _calibrate(P: _Slide, keep: bool):
+def calibrate(P: SlideModel, keep: bool):
     """First pass: per-class per-channel OD histograms of tissue pixels, then LUTs that map
     each class's distribution exactly onto the shared reference (the barycentre of the
     classes' quantile functions). With `keep`, the rendered indices are kept for pass 2."""
     C = len(CLASSES)
-    bands = list(_rects(P.size))
+    bands = list(tile_bands(P.size))
     if not keep and len(bands) > 24:  # large slides: a spread subset of tile rows
         idx = np.linspace(0, len(bands) - 1, 24).round().astype(int)
         bands = [bands[i] for i in idx]
@@ -582,7 +566,7 @@ def _calibrate(P: _Slide, keep: bool):
     return lut, (cache if keep else None)
 
 
-def _render_rgb(P: _Slide, lut, x0, y0, w, h, cached=None):
+def render_rgb(P: SlideModel, lut, x0, y0, w, h, cached=None):
     m, q = cached if cached is not None else _render_rect(P, x0, y0, w, h)
     od = np.take(lut.reshape(-1), q)                       # rank-transformed canonical OD
     od = od @ P.stain_mix                                  # per-slide stain variation
@@ -599,103 +583,7 @@ def _render_rgb(P: _Slide, lut, x0, y0, w, h, cached=None):
     return od.astype(np.uint8)
 
 
-# --------------------------------------------------------------------------- writing
-# what OpenSlide needs to see an Aperio pyramid (NOTES): tiled JPEG pages, no tifffile metadata
-_TIFF_KW = dict(tile=(TILE, TILE), photometric="rgb", compression="jpeg",
-                compressionargs={"level": JPEG_Q}, metadata=None, software=False)
-
-
-def _description(size, name, objective_power=40, mpp=0.25):
-    return (f"Aperio Image Library v12.0.15 madflow-synth\r\n{size}x{size} [0,0 {size}x{size}]"
-            f" ({TILE}x{TILE}) JPEG/RGB Q={JPEG_Q}|AppMag = {objective_power:g}|MPP = {mpp:g}"
-            f"|Filename = {name}|Synthetic = madflow.synth")
-
-
-def write_pyramid(path, image: np.ndarray, *, objective_power=40, mpp=0.25, levels: int = 3):
-    """Write an RGB image as a tiled JPEG pyramid (levels 1, 4, 16, ... by 4x4 box average).
-
-    With objective_power: an Aperio .svs description (AppMag, MPP when given). Without it:
-    a generic tiled TIFF, whose MPP (when given) is in the resolution tags. For tests and
-    users converting arrays; the demo slides use the streaming writer of make_slide."""
-    import tifffile
-
-    path = Path(path)
-    h, w = image.shape[:2]
-    if objective_power:
-        extra = dict(description=_description(w, path.stem, objective_power, mpp or 0))
-        if not mpp:  # an Aperio file without MPP
-            extra["description"] = extra["description"].replace(f"|MPP = {0:g}", "")
-    elif mpp:
-        extra = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
-    else:
-        extra = {}
-    def write(tmp):
-        nonlocal extra
-        with tifffile.TiffWriter(tmp) as tif:
-            level = image
-            for n in range(levels):
-                if n:
-                    lh, lw = level.shape[0] // 4 * 4, level.shape[1] // 4 * 4
-                    level = level[:lh, :lw].reshape(lh // 4, 4, lw // 4, 4, 3).mean((1, 3))
-                    level = np.floor(level + 0.5).astype(np.uint8)
-                    if objective_power:
-                        extra = dict(description=f"Aperio Image Library level {n}")
-                    elif mpp:
-                        extra = dict(resolution=(1e4 / mpp / 4 ** n,) * 2, resolutionunit="CENTIMETER")
-                tif.write(level, subfiletype=1 if n and not objective_power else 0, **_TIFF_KW, **extra)
-
-    write_atomic(path, write)
-
-
-def _write_svs(P: _Slide, lut, path: Path, cache=None):
-    import tifffile
-
-    S = P.size
-    s1, s2 = S // 4, S // 16
-    tmpdir_files = []
-    if S > 16384:  # keep level 1 on disk for very large slides
-        fd, mm = tempfile.mkstemp(suffix=".lvl1", dir=path.parent)
-        os.close(fd)
-        tmpdir_files.append(mm)
-        lvl1 = np.memmap(mm, np.uint8, "w+", shape=(s1, s1, 3))
-    else:
-        lvl1 = np.empty((s1, s1, 3), np.uint8)
-    lvl2 = np.empty((s2, s2, 3), np.uint8)
-
-    def tiles():
-        for y0, cols in _rects(S):
-            band = np.empty((TILE, S, 3), np.uint8)
-            for x0, w in cols:
-                cached = cache.pop((x0, y0), None) if cache else None
-                band[:, x0:x0 + w] = _render_rgb(P, lut, x0, y0, w, TILE, cached)
-            b1 = band.reshape(TILE // 4, 4, s1, 4, 3).mean((1, 3), dtype=np.float32)
-            b1 = np.floor(b1 + 0.5).astype(np.uint8)
-            lvl1[y0 // 4:y0 // 4 + TILE // 4] = b1
-            b2 = b1.reshape(TILE // 16, 4, s2, 4, 3).mean((1, 3), dtype=np.float32)
-            lvl2[y0 // 16:y0 // 16 + TILE // 16] = np.floor(b2 + 0.5).astype(np.uint8)
-            for tx in range(0, S, TILE):
-                yield band[:, tx:tx + TILE]
-
-    kw = _TIFF_KW
-
-    def write(tmp):
-        with tifffile.TiffWriter(tmp, bigtiff=S > 32768) as tif:
-            tif.write(tiles(), shape=(S, S, 3), dtype=np.uint8,
-                      description=_description(S, path.stem), **kw)
-            if isinstance(lvl1, np.memmap):
-                lvl1.flush()
-            tif.write(lvl1, description=f"Aperio Image Library {s1}x{s1} -> level 1", **kw)
-            tif.write(lvl2, description=f"Aperio Image Library {s2}x{s2} -> level 2", **kw)
-
-    try:
-        write_atomic(path, write)
-    finally:
-        del lvl1
-        for f in tmpdir_files:
-            os.unlink(f)
-
-
-def _label_polygons(P: _Slide):
+def label_polygons(P: SlideModel):
     """Per class: a shapely (Multi)Polygon in level-0 px, exactly the label grid cells."""
     import shapely
 
@@ -714,114 +602,3 @@ def _label_polygons(P: _Slide):
         geom = shapely.union_all(boxes)
         out[name] = shapely.normalize(geom)
     return out
-
-
-def _write_geojson(P: _Slide, path: Path):
-    import shapely
-
-    feats = []
-    for name, geom in _label_polygons(P).items():
-        gj = json.loads(shapely.to_geojson(geom))
-        feats.append({"type": "Feature", "id": f"{path.stem}-{name}",
-                      "geometry": gj,
-                      "properties": {"objectType": "annotation",
-                                     "classification": {"name": name,
-                                                        "color": CLASS_COLORS[name]}}})
-    text = json.dumps({"type": "FeatureCollection", "features": feats})
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-# --------------------------------------------------------------------------- public API
-def make_slide(path, seed: int, size: int = 4096, *, labels_path=None) -> dict:
-    """Write one synthetic Aperio slide at `path` (and its GeoJSON at `labels_path`).
-
-    Returns a small summary: seed, size, stain parameters, tissue fraction and per-class
-    area fractions (of the whole slide) from the label grid.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    P = _Slide(seed, size)
-    lut, cache = _calibrate(P, keep=size <= 4096)
-    _write_svs(P, lut, path, cache)
-    if labels_path is not None:
-        labels_path = Path(labels_path)
-        labels_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_geojson(P, labels_path)
-    n = P.cls_grid.size
-    areas = {name: float(np.sum(P.tis_grid & (P.cls_grid == c)) / n)
-             for c, name in enumerate(CLASSES)}
-    return {
-        "path": str(path), "labels": str(labels_path) if labels_path else None,
-        "seed": int(seed), "size": int(size),
-        "stain": {"h_vector": [round(float(v), 4) for v in P.vh],
-                  "e_vector": [round(float(v), 4) for v in P.ve],
-                  "h_scale": round(P.sh, 4), "e_scale": round(P.se, 4),
-                  "background_od": [round(float(v), 4) for v in P.bg_od]},
-        "tissue_frac": float(P.tis_grid.mean()),
-        "class_area_frac": areas,
-    }
-
-
-def slide_seed(seed: int, k: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(k), 0xD3A0]).generate_state(1)[0])
-
-
-def _make_one(args):
-    path, seed, size, labels = args
-    return make_slide(path, seed, size, labels_path=labels)
-
-
-def make_demo(outdir, n_slides: int, size: int, seed: int, n_test: int, *,
-              workers: int | None = None) -> Path:
-    """Write `n_slides` slides + GeoJSON and `manifest.tsv` (slide_id, path, labels, split).
-
-    Slide k uses seed `slide_seed(seed, k)`; the test slides are a seeded draw of `n_test`
-    slides. `workers` processes (default: up to the usable CPUs) generate slides in
-    parallel; the output does not depend on it."""
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    if not 0 <= n_test <= n_slides:
-        raise ValueError(f"n_test must be in [0, n_slides], got {n_test} of {n_slides}")
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B17]))
-    test = set(rng.choice(n_slides, n_test, replace=False).tolist()) if n_test else set()
-    jobs = [(outdir / f"slide_{k:02d}.svs", slide_seed(seed, k), size,
-             outdir / f"slide_{k:02d}.geojson") for k in range(n_slides)]
-    if workers is None:
-        try:
-            workers = len(os.sched_getaffinity(0))
-        except AttributeError:
-            workers = os.cpu_count() or 1
-    workers = max(1, min(int(workers), n_slides))
-    if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers) as ex:
-            list(ex.map(_make_one, jobs))
-    else:
-        for job in jobs:
-            _make_one(job)
-    rows = ["slide_id\tpath\tlabels\tsplit"]
-    for k in range(n_slides):
-        sid = f"slide_{k:02d}"
-        rows.append(f"{sid}\t{sid}.svs\t{sid}.geojson\t{'test' if k in test else 'train'}")
-    man = outdir / "manifest.tsv"
-    write_atomic(man, lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n"))
-    return man
-
-
-def main(argv=None):
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Write synthetic Aperio demo slides.")
-    ap.add_argument("outdir")
-    ap.add_argument("--n-slides", type=int, default=12)
-    ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-test", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=None)
-    a = ap.parse_args(argv)
-    print(make_demo(a.outdir, a.n_slides, a.size, a.seed, a.n_test, workers=a.workers))
-
-
-if __name__ == "__main__":
-    main()
