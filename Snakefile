@@ -11,6 +11,7 @@ include: "rules/common.smk"
 rule all:
     input:
         f"{RESULTS}/summary.tsv",
+        f"{RESULTS}/slides.tsv",
         f"{RESULTS}/figures/figures.done",
 
 

@@ -4,29 +4,30 @@ job never leaves a truncated result that a rerun would trust."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 
-def write_atomic(path, write) -> None:
-    """Call write(tmp_path) for a temporary sibling of `path`, then rename it over `path`.
+def partial_path(path) -> Path:
+    """Where `path` is written before it is renamed into place: a fixed hidden sibling that
+    keeps the suffix (for writers that choose the format by extension). Fixed, not random, so
+    that the rerun of a killed job overwrites and renames it instead of leaving a stray."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial{path.suffix}")
 
-    The temporary file gets the umask's permissions (mkstemp's 0600 would make results
-    private) and keeps `path`'s suffix, for writers that choose the format by extension."""
+
+def write_atomic(path, write) -> None:
+    """Call write(tmp_path) for the partial sibling of `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = partial_path(path)
+    tmp.unlink(missing_ok=True)  # left by a killed write
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -13,6 +13,10 @@ import numpy as np
 from PIL import Image
 
 
+UNLABELLED = 0  # mask value of unlabelled pixels
+GEOMETRY_MARGIN = 0.01  # annotations may overshoot the slide by 1% of its larger side
+
+
 class LabelError(Exception):
     """An unreadable or malformed label file, named in the message."""
 
@@ -55,7 +59,7 @@ def load_mask(path) -> tuple[np.ndarray, dict[int, str]]:
     """A label-mask image (any resolution, covering the whole slide) and its class table,
     read from `<mask stem>.classes.tsv` beside it (columns: value, name; 0 = unlabelled)."""
     path = Path(path)
-    table = path.with_name(path.stem + ".classes.tsv")
+    table = class_table_path(path)
     try:
         mask = np.asarray(Image.open(path))
     except (OSError, ValueError) as err:
@@ -65,18 +69,84 @@ def load_mask(path) -> tuple[np.ndarray, dict[int, str]]:
     if not table.exists():
         raise LabelError(f"{path}: class table {table.name} not found beside the mask")
     classes = {}
-    for line in table.read_text().splitlines()[1:]:
+    for n, line in enumerate(table.read_text().splitlines()[1:], start=2):
         if line.strip():
-            value, name = line.split("\t")[:2]
-            classes[int(value)] = name.strip()
+            try:
+                value, name = line.split("\t")[:2]
+                classes[int(value)] = name.strip()
+            except ValueError:
+                raise LabelError(f"{table}: line {n} is not '<integer value>\t<class name>': {line!r}") from None
     return mask, classes
 
 
-def check_labels(path) -> list[str]:
-    """Validate a label file; return its class names."""
-    if Path(path).suffix.lower() in (".geojson", ".json"):
-        return sorted({cls for cls, _ in load_geojson(path)})
-    return sorted(set(load_mask(path)[1].values()))
+def label_files(path) -> list[str]:
+    """Every file a label entry reads: the GeoJSON, or the mask and its class table."""
+    path = Path(path)
+    if is_geojson(path):
+        return [str(path)]
+    return [str(path), str(class_table_path(path))]
+
+
+def is_geojson(path) -> bool:
+    return Path(path).suffix.lower() in (".geojson", ".json")
+
+
+def class_table_path(mask_path) -> Path:
+    mask_path = Path(mask_path)
+    return mask_path.with_name(mask_path.stem + ".classes.tsv")
+
+
+def check_labels(path, slide_size: tuple[int, int]) -> list[str]:
+    """Validate a label file against its slide (level-0 width, height); return its class
+    names. Geometry outside the slide, a mask of another aspect ratio than the slide and
+    mask values missing from the class table are errors: each would label tiles wrongly or
+    not at all without a word."""
+    if is_geojson(path):
+        shapes = load_geojson(path)
+        _check_geometry_inside(path, shapes, slide_size)
+        return sorted({cls for cls, _ in shapes})
+    mask, classes = load_mask(path)
+    _check_mask_shape(path, mask.shape, slide_size)
+    unknown = sorted(set(np.unique(mask).tolist()) - set(classes) - {UNLABELLED})
+    if unknown:
+        raise LabelError(
+            f"{path}: mask value(s) {unknown} are not in {class_table_path(path).name} "
+            f"(it lists {sorted(classes)}; {UNLABELLED} = unlabelled)"
+        )
+    return sorted(set(classes.values()))
+
+
+def _check_geometry_inside(path, shapes, slide_size) -> None:
+    """Every vertex within the slide, up to a margin of GEOMETRY_MARGIN of its larger side
+    (annotations drawn to the edge may overshoot it a little)."""
+    width, height = slide_size
+    margin = GEOMETRY_MARGIN * max(width, height)
+    outside, lo, hi = 0, np.full(2, np.inf), np.full(2, -np.inf)
+    for _, polys in shapes:
+        points = np.concatenate([np.asarray(ring, np.float64)[:, :2] for rings in polys for ring in rings])
+        lo, hi = np.minimum(lo, points.min(axis=0)), np.maximum(hi, points.max(axis=0))
+        if (points.min(axis=0) < -margin).any() or (points.max(axis=0) > [width + margin, height + margin]).any():
+            outside += 1
+    if outside:
+        raise LabelError(
+            f"{path}: {outside} of {len(shapes)} annotation(s) lie outside the slide: the geometry "
+            f"spans x {lo[0]:g}..{hi[0]:g}, y {lo[1]:g}..{hi[1]:g} but the slide is {width} x {height} "
+            "px at level 0 (coordinates must be level-0 pixels of this slide)"
+        )
+
+
+def _check_mask_shape(path, shape, slide_size) -> None:
+    """The mask must be the slide scaled by one factor f, up to rounding of its sides:
+    some f with |W/f - w| < 1 and |H/f - h| < 1."""
+    (h, w), (width, height) = shape, slide_size
+    lowest = max(width / (w + 1), height / (h + 1))
+    highest = min(width / max(w - 1, 1e-9), height / max(h - 1, 1e-9))
+    if lowest >= highest:
+        raise LabelError(
+            f"{path}: label mask is {w} x {h} px but the slide is {width} x {height} px: their "
+            "aspect ratios differ beyond rounding, so the mask cannot cover the slide (a mask must "
+            "be the whole slide scaled down by one factor)"
+        )
 
 
 def _ring_mask(ring: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -98,21 +168,29 @@ def _ring_mask(ring: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def coverage(
-    path, grid_w: int, grid_h: int, cell0: float, slide_size: tuple[int, int]
+    path, grid_w: int, grid_h: int, cell0: float, slide_size: tuple[int, int],
+    class_map: dict[str, str] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Per-class area fraction of each grid cell: float32 (n_classes, grid_h, grid_w).
 
     Cell (r, c) covers level-0 [c*cell0, (c+1)*cell0) x [r*cell0, (r+1)*cell0). Rasterised
-    at `sub` x `sub` samples per cell, so fractions are accurate to 1/sub**2."""
+    at `sub` x `sub` samples per cell, so fractions are accurate to 1/sub**2. `class_map`
+    renames classes of the file (name in file -> name used); classes mapped to one name
+    are merged."""
     sub = 4
     w, h = grid_w * sub, grid_h * sub
     scale = sub / cell0
-    if Path(path).suffix.lower() in (".geojson", ".json"):
+    class_map = class_map or {}
+
+    def used(name):
+        return class_map.get(name, name)
+
+    if is_geojson(path):
         shapes = load_geojson(path)
-        names = sorted({cls for cls, _ in shapes})
+        names = sorted({used(cls) for cls, _ in shapes})
         index = np.zeros((h, w), np.int32)
         for cls, polys in shapes:
-            value = names.index(cls) + 1
+            value = names.index(used(cls)) + 1
             for rings in polys:
                 inside = None
                 for r, ring in enumerate(rings):
@@ -122,10 +200,10 @@ def coverage(
                     index[inside] = value
     else:
         mask, table = load_mask(path)
-        names = sorted(set(table.values()))
+        names = sorted({used(name) for name in table.values()})
         lut = np.zeros(max(int(mask.max()), max(table)) + 1, np.int32)
         for value, name in table.items():
-            lut[value] = names.index(name) + 1
+            lut[value] = names.index(used(name)) + 1
         # the mask spans the whole slide; the grid may extend past it (padding = unlabelled)
         mw = min(w, round(slide_size[0] * scale))
         mh = min(h, round(slide_size[1] * scale))

@@ -5,14 +5,16 @@ Every bad slide is found in one pass, so a user sees all problems at once."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from madflow.labels import LabelError, check_labels
+from madflow.labels import LabelError, check_labels, label_files
 from madflow.slides import (
     SlideError,
+    SlideReader,
     check_readable,
     choose_levels,
     footprint_size,
@@ -20,9 +22,13 @@ from madflow.slides import (
     open_slide,
     resolve_base_mag,
 )
+from madflow.tiling import tissue_mask
 
 REQUIRED = ["slide_id", "path"]
 OPTIONAL = ["labels", "objective_power", "mpp", "split"]
+# a slide id names output files and travels through shell commands: letters, digits and
+# . _ - only, starting with a letter or digit (TCGA barcodes and UUIDs fit)
+SLIDE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 class ManifestError(Exception):
@@ -61,7 +67,31 @@ def read_table(path) -> pd.DataFrame:
     return df
 
 
-def check_slide(row, mags, tile_px: int) -> dict:
+def file_fingerprint(path) -> str:
+    """'size:mtime_ns' of a file ('' when it is missing): any replacement of the file, even
+    by an older copy, changes it."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def input_files(path) -> list[str]:
+    """The slide and label files a manifest table names that exist as regular files (the
+    manifest stage reports the others, each with its cause)."""
+    try:
+        table = read_table(path)
+    except ManifestError:
+        return []  # the manifest stage itself reports it
+    files = list(table["path"])
+    for labels in table["labels"]:
+        if labels:
+            files += label_files(labels)
+    return [f for f in dict.fromkeys(files) if Path(f).is_file()]
+
+
+def check_slide(row, mags, tile_px: int, class_map: dict | None = None) -> dict:
     """One checked manifest row; raises SlideError/LabelError naming the cause."""
     slide = open_slide(row["path"])
     try:
@@ -72,7 +102,8 @@ def check_slide(row, mags, tile_px: int) -> dict:
     finally:
         slide.close()
     check_readable(row["path"])
-    classes = check_labels(row["labels"]) if row["labels"] else []
+    classes_in_file = check_labels(row["labels"], (width, height)) if row["labels"] else []
+    classes = sorted({(class_map or {}).get(c, c) for c in classes_in_file})
     plan = choose_levels(downsamples, base, mags)
     out = {
         "slide_id": row["slide_id"],
@@ -87,7 +118,12 @@ def check_slide(row, mags, tile_px: int) -> dict:
         "height": height,
         "level_count": len(downsamples),
         "level_downsamples": ",".join(f"{d:.4f}" for d in downsamples),
+        "classes_in_file": ",".join(classes_in_file),
         "classes": ",".join(classes),
+        "slide_fingerprint": file_fingerprint(row["path"]),
+        "labels_fingerprint": ";".join(file_fingerprint(f) for f in label_files(row["labels"]))
+        if row["labels"]
+        else "",
     }
     for mag in mags:
         choice = plan[mag]
@@ -101,7 +137,26 @@ def check_slide(row, mags, tile_px: int) -> dict:
     out["lacking"] = ",".join(lacking)
     if plan[min(mags)] is None:
         raise SlideError(f"{row['path']}: base magnification {base:g}x is below every target")
+    coarse = min(mags)
+    out["notes"] = "; ".join(zero_tile_notes(row["path"], (width, height), footprint_size(tile_px, base, coarse), coarse))
     return out
+
+
+def zero_tile_notes(path, slide_size: tuple[int, int], coarse_size: int, coarse_mag: float) -> list[str]:
+    """Why a usable slide may give no tissue tiles: smaller than one tile at the coarsest
+    magnification, or no tissue in its thumbnail (blank or all-white scan)."""
+    notes = []
+    width, height = slide_size
+    if width < coarse_size or height < coarse_size:
+        notes.append(
+            f"smaller than one {mag_str(coarse_mag)}x tile ({width} x {height} px, a tile covers "
+            f"{coarse_size} px): its single {mag_str(coarse_mag)}x tile is mostly padding"
+        )
+    with SlideReader(path) as reader:
+        thumb, _ = reader.thumbnail(max_side=1024)
+    if not tissue_mask(thumb).any():
+        notes.append("no tissue detected in its thumbnail (blank or all-white slide): expect 0 tissue tiles")
+    return notes
 
 
 def assign_split(df: pd.DataFrame, test_frac: float, seed: int) -> pd.DataFrame:
@@ -117,9 +172,59 @@ def assign_split(df: pd.DataFrame, test_frac: float, seed: int) -> pd.DataFrame:
     return df
 
 
-def check_manifest(path, mags, tile_px: int, bad_slides: str, test_frac: float, seed: int):
+def check_slide_id(slide_id: str) -> None:
+    if not re.fullmatch(SLIDE_ID_PATTERN, slide_id):
+        raise SlideError(
+            f"slide_id {slide_id!r} is not allowed: slide ids name output files, so they may hold "
+            "only letters, digits and . _ - and must start with a letter or digit"
+        )
+
+
+def require_split(checked: pd.DataFrame, split: str, needed_by: str, source) -> list[str]:
+    """The slide ids of `split`; an error naming the cause when there is none (pretraining
+    needs a train slide, evaluation a test slide): said once the manifest is checked, not by
+    pretraining's argument parser later."""
+    ids = list(checked.loc[checked["split"] == split, "slide_id"])
+    if not ids:
+        counts = checked["split"].value_counts().to_dict()
+        raise ManifestError(
+            f"{source}: no usable {split} slide ({needed_by} needs at least one; usable slides "
+            f"per split: {counts}): set the split column of the manifest, or test_frac"
+        )
+    return ids
+
+
+def check_classes(checked: pd.DataFrame, path) -> None:
+    """Class names must agree between train and test slides: a class seen only in test slides
+    (or only in train) is almost always a spelling ('Tumour' vs 'tumor') that would silently
+    lower every labelled metric."""
+    per_slide = {
+        (split, slide_id): set(classes.split(","))
+        for split, slide_id, classes in checked[["split", "slide_id", "classes"]].itertuples(index=False)
+        if classes
+    }
+    seen = {split: set().union(*[c for (s, _), c in per_slide.items() if s == split]) for split in ("train", "test")}
+    if not (seen["train"] and seen["test"]):
+        return  # labels in one split only: the labelled metrics say why they are not applicable
+    problems = []
+    for split, other in (("test", "train"), ("train", "test")):
+        for name in sorted(seen[split] - seen[other]):
+            slides = sorted(sid for (s, sid), c in per_slide.items() if s == split and name in c)
+            problems.append(f"  - class {name!r} only in {split} slides ({', '.join(slides)})")
+    if problems:
+        raise ManifestError(
+            f"manifest {path}: class names differ between train and test slides:\n"
+            + "\n".join(problems)
+            + f"\n  train classes: {sorted(seen['train'])}; test classes: {sorted(seen['test'])}."
+            "\n  Fix the label files, or map names in config, e.g. classes: {Tumour: tumor}"
+        )
+
+
+def check_manifest(path, mags, tile_px: int, bad_slides: str, test_frac: float, seed: int,
+                   class_map: dict | None = None):
     """(checked manifest, rejected table). With bad_slides='error' raise ManifestError
-    listing every bad slide and its cause."""
+    listing every bad slide and its cause. `class_map` renames label classes
+    (name in file -> name used)."""
     table = read_table(path)
     dups = table["slide_id"][table["slide_id"].duplicated(keep=False)]
     if len(dups):
@@ -135,9 +240,10 @@ def check_manifest(path, mags, tile_px: int, bad_slides: str, test_frac: float, 
     good, bad = [], []
     for _, row in table.iterrows():
         try:
-            good.append(check_slide(row, mags, tile_px))
-        except (SlideError, LabelError, ValueError) as err:
-            bad.append({"slide_id": row["slide_id"], "path": row["path"], "cause": str(err)})
+            check_slide_id(row["slide_id"])
+            good.append(check_slide(row, mags, tile_px, class_map))
+        except Exception as err:  # noqa: BLE001 - every per-slide failure goes into the list
+            bad.append({"slide_id": row["slide_id"], "path": row["path"], "cause": _cause(err)})
     rejected = pd.DataFrame(bad, columns=["slide_id", "path", "cause"])
     lines = "\n".join(f"  - {b['slide_id']}: {b['cause']}" for b in bad)
     if bad and bad_slides == "error":
@@ -150,6 +256,7 @@ def check_manifest(path, mags, tile_px: int, bad_slides: str, test_frac: float, 
     checked = pd.DataFrame(good)
     checked["split_source"] = np.where(checked["split"] == "", "", "manifest")
     checked = assign_split(checked, test_frac, seed)
+    check_classes(checked, path)
     return checked, rejected
 
 
@@ -157,3 +264,30 @@ def read_checked_manifest(path) -> pd.DataFrame:
     """The manifest stage's output (results/manifest.tsv) as every later step reads it:
     slide ids as text, empty cells as empty strings."""
     return pd.read_csv(path, sep="\t", dtype={"slide_id": str}, keep_default_na=False)
+
+
+def _cause(err: Exception) -> str:
+    """Our own errors already name the file and the cause; anything else gets its type."""
+    if isinstance(err, (SlideError, LabelError, ValueError)):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+def slides_overview(checked: pd.DataFrame, rejected: pd.DataFrame, tables: dict, mags) -> pd.DataFrame:
+    """One row per manifest slide: used or rejected (with the cause), split, tissue tiles per
+    magnification and every note, so that a slide that gave nothing is named, not lost.
+    `tables`: slide_id -> its tile table (columns mag, tissue at least)."""
+    rows = []
+    for slide in checked.itertuples(index=False):
+        table = tables[slide.slide_id]
+        notes = [n for n in str(slide.notes).split("; ") if n]
+        row = {"slide_id": slide.slide_id, "status": "used", "split": slide.split}
+        for mag in sorted(float(m) for m in mags):
+            at_mag = table[np.isclose(table["mag"], mag)]
+            row[f"tissue_tiles_{mag_str(mag)}x"] = int(at_mag["tissue"].sum())
+            if len(at_mag) and not at_mag["tissue"].any():
+                notes.append(f"0 tissue tiles at {mag_str(mag)}x")
+        rows.append({**row, "notes": "; ".join(notes)})
+    for slide in rejected.itertuples(index=False):
+        rows.append({"slide_id": slide.slide_id, "status": "rejected", "split": "", "notes": slide.cause})
+    return pd.DataFrame(rows)

@@ -127,6 +127,8 @@ def open_slide(path) -> openslide.OpenSlide:
     path = Path(path)
     if not path.exists():
         raise SlideError(f"{path}: file not found")
+    if not path.is_file():
+        raise SlideError(f"{path}: is a directory or special file, not a slide file")
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:

@@ -94,6 +94,18 @@ def summary_table(tidy_dfs: Sequence[pd.DataFrame] | pd.DataFrame, formatted: bo
     return pd.DataFrame(rows)
 
 
+def headline_notes(table: pd.DataFrame) -> str:
+    """Distinct notes of an experiment's headline metrics (why a value is missing, has no CI
+    or rests on few tiles), so that the summary and the report say it beside the numbers."""
+    notes: dict = {}
+    for column, metric, scope in SUMMARY_METRICS:
+        rows = table[(table["metric"] == metric) & (table["scope"].astype(str) == scope)]
+        for note in rows["note"].fillna(""):
+            if note:
+                notes.setdefault(note, []).append(column)
+    return " | ".join(f"{', '.join(dict.fromkeys(cols))}: {note}" for note, cols in notes.items())
+
+
 # The benchmark's own checks, fixed before MAD's numbers are looked at: the floors at chance,
 # single-scale self-supervision that does not transfer, a labelled control that does.
 # (experiment, column, test, threshold); a test is "within" (|value - chance| <= threshold),

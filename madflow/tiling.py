@@ -121,8 +121,9 @@ def _to_fine_grid(mask: np.ndarray, mask_ds: float, fine_size: int, ny_f: int, n
     return np.asarray(img.resize((nx_f, ny_f), Image.BOX), np.float32).clip(0, 1)
 
 
-def tile_slide(slide: dict, mags, tile_px: int, min_tissue: float):
-    """Tile table, tissue thumbnail and mask for one checked manifest row (see CONTRACTS)."""
+def tile_slide(slide: dict, mags, tile_px: int, min_tissue: float, class_map: dict | None = None):
+    """Tile table, tissue thumbnail and mask for one checked manifest row (see CONTRACTS);
+    `class_map` renames label classes (name in file -> name used)."""
     mags = sorted(float(m) for m in mags)
     present = [m for m in mags if str(slide.get(f"level_{mag_str(m)}", "")) not in ("", "nan")]
     with SlideReader(slide["path"]) as reader:
@@ -149,7 +150,7 @@ def tile_slide(slide: dict, mags, tile_px: int, min_tissue: float):
     grid["label_purity"] = np.float32(np.nan)
     label_path = slide.get("labels")
     if isinstance(label_path, str) and label_path:
-        frac, names = labels_mod.coverage(label_path, nx_f, ny_f, fine_size, (width, height))
+        frac, names = labels_mod.coverage(label_path, nx_f, ny_f, fine_size, (width, height), class_map)
         if names:
             per_tile = fine_values(grid, frac)  # (n_classes, n_tiles)
             best = per_tile.argmax(axis=0)

@@ -1,13 +1,22 @@
 # Helpers shared by the rules (the only place for Python functions, per snakemake --lint).
 import json
+import shlex
 from pathlib import Path
 
+import pandas as pd
 from snakemake.utils import validate
 
 from madflow.config import resolve_train_config
-from madflow.manifest import read_checked_manifest
+from madflow.labels import label_files
+from madflow.manifest import (
+    SLIDE_ID_PATTERN,
+    file_fingerprint,
+    input_files,
+    require_split,
+)
 from madflow.modes import get_mode
 from madflow.slides import mag_str
+from madflow.timm_names import unknown_archs
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -19,13 +28,20 @@ STUDY_SEEDS = [int(s) for s in config["study"]["seeds"]]
 # fail at parse time, naming the key, on a misspelt train or experiment setting
 for _name, _exp in config["experiments"].items():
     resolve_train_config(config, {"name": _name, **_exp})
+# ... and on an architecture timm does not know, before any slide is tiled
+_unknown_archs = unknown_archs(config)
+if _unknown_archs:
+    raise ValueError(
+        f"unknown timm architecture(s): {'; '.join(_unknown_archs)} "
+        "(timm.list_models() lists the known names)"
+    )
 
 
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS),
     seed=r"\d+",
     part=r"\d+",
-    slide_id=r"[^/]+",
+    slide_id=SLIDE_ID_PATTERN,
 
 
 def manifest_source():
@@ -35,13 +51,70 @@ def manifest_source():
     return config["manifest"]
 
 
-def slide_ids(split=None):
-    """Slide ids of the checked manifest (a checkpoint: known once it has run)."""
+def manifest_input_files():
+    """The slide and label files of the user's manifest: inputs of the manifest stage, so that
+    changing one re-checks it. The demo's slides are the demo rule's own business."""
+    if config["manifest"] == "demo":
+        return []
+    return input_files(config["manifest"])
+
+
+MANIFEST_INPUT_FILES = manifest_input_files()
+
+
+def manifest_input_fingerprints():
+    """Size and mtime of every input file of the manifest stage: a replacement by an older
+    copy (cp -p, rsync -a), which mtime comparison misses, still changes this parameter and
+    reruns the stage. (Computed at parse time: Snakemake ignores parameters derived from
+    `input` when it looks for changed parameters.)"""
+    return {path: file_fingerprint(path) for path in MANIFEST_INPUT_FILES}
+
+
+_CHECKED = {}
+
+
+def checked_manifest():
+    """The checked manifest (a checkpoint: known once it has run), read once per version."""
     path = checkpoints.manifest.get().output.manifest
-    table = read_checked_manifest(path)
-    if split:
-        table = table[table["split"] == split]
-    return list(table["slide_id"])
+    key = (path, file_fingerprint(path))
+    if key not in _CHECKED:
+        _CHECKED.clear()
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        _CHECKED[key] = table.set_index("slide_id", drop=False)
+    return _CHECKED[key]
+
+
+def slide_ids():
+    return list(checked_manifest()["slide_id"])
+
+
+def split_slide_ids(split, needed_by):
+    """Slide ids of one split; a clear error, before any job needs them, when there is none."""
+    return require_split(checked_manifest(), split, needed_by, f"{RESULTS}/manifest.tsv")
+
+
+# manifest columns that do not change a slide's tiles (a new split must not retile it)
+NOT_TILING_COLUMNS = ["split", "split_source"]
+
+
+def slide_row(wildcards):
+    """What tiling one slide depends on: its checked manifest row, file fingerprints
+    included, so that a changed slide or label file reruns that slide's tiles only."""
+    return checked_manifest().loc[wildcards.slide_id].drop(NOT_TILING_COLUMNS).to_dict()
+
+
+def slide_files(wildcards):
+    row = checked_manifest().loc[wildcards.slide_id]
+    return {
+        "slide": row["path"],
+        "labels": label_files(row["labels"]) if row["labels"] else [],
+    }
+
+
+def slide_class_map(wildcards):
+    """The part of config `classes:` that renames this slide's classes."""
+    in_file = checked_manifest().loc[wildcards.slide_id, "classes_in_file"].split(",")
+    return {k: v for k, v in config["classes"].items() if k in in_file}
 
 
 def tile_tables(wildcards):
@@ -49,7 +122,10 @@ def tile_tables(wildcards):
 
 
 def train_tables(wildcards):
-    return expand(f"{RESULTS}/tiles/{{slide_id}}.parquet", slide_id=slide_ids("train"))
+    return expand(
+        f"{RESULTS}/tiles/{{slide_id}}.parquet",
+        slide_id=split_slide_ids("train", "pretraining"),
+    )
 
 
 def tile_qc(wildcards):
@@ -82,7 +158,7 @@ def init_encoder(wildcards):
 
 
 def init_argument(wildcards, input):
-    return f"--init {input.init}" if input.init else ""
+    return f"--init {shlex.quote(input.init)}" if input.init else ""
 
 
 def embed_parts():
@@ -100,6 +176,7 @@ def part_tables(wildcards):
 
 def embeddings(wildcards):
     """The embed jobs' output folders of one experiment and seed (one per part)."""
+    split_slide_ids("test", "evaluation")
     return expand(
         f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/embeddings/part{{part}}",
         part=range(len(embed_parts())),

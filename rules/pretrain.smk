@@ -36,9 +36,9 @@ rule pretrain:
         # outputs of a killed job, and a rerun must resume from them
         out_dir=lambda wildcards, output: str(Path(output.encoder).parent),
     shell:
-        "{params.launcher} -m madflow.train --config {input.config}"
-        " --experiment {wildcards.experiment} --tables {input.tables}"
-        " --out {params.out_dir} --seed {wildcards.seed} {params.init} > {log} 2>&1"
+        "{params.launcher} -m madflow.train --config {input.config:q}"
+        " --experiment {wildcards.experiment:q} --tables {input.tables:q}"
+        " --out {params.out_dir:q} --seed {wildcards.seed:q} {params.init} > {log:q} 2>&1"
 
 
 rule embed:

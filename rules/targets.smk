@@ -5,6 +5,7 @@ rule tiles:
     input:
         tables=tile_tables,
         qc=tile_qc,
+        overview=f"{RESULTS}/slides.tsv",
 
 
 # one target per experiment in config.yaml: adding an experiment adds its target
@@ -87,6 +88,7 @@ rule benchmark_table:
 rule report:
     input:
         f"{RESULTS}/summary.tsv",
+        f"{RESULTS}/slides.tsv",
         f"{RESULTS}/figures/figures.done",
         f"{RESULTS}/benchmarks/summary.tsv",
     output:

@@ -18,6 +18,7 @@ rule demo_slides:
 checkpoint manifest:
     input:
         table=manifest_source(),
+        slides_and_labels=MANIFEST_INPUT_FILES,
     output:
         manifest=f"{RESULTS}/manifest.tsv",
         rejected=f"{RESULTS}/manifest_rejected.tsv",
@@ -33,13 +34,15 @@ checkpoint manifest:
         bad_slides=config["bad_slides"],
         test_frac=config["test_frac"],
         seed=config["seed"],
+        class_map=config["classes"],
+        fingerprints=manifest_input_fingerprints(),
     script:
         "../workflow_scripts/manifest.py"
 
 
 rule tile:
     input:
-        manifest=f"{RESULTS}/manifest.tsv",
+        unpack(slide_files),
     output:
         table=f"{RESULTS}/tiles/{{slide_id}}.parquet",
         qc=f"{RESULTS}/tiles/qc/{{slide_id}}.png",
@@ -57,5 +60,28 @@ rule tile:
         mags=MAGS,
         tile_px=config["tiling"]["tile_px"],
         min_tissue=config["tiling"]["min_tissue"],
+        slide=slide_row,
+        class_map=slide_class_map,
     script:
         "../workflow_scripts/tile.py"
+
+
+rule slides_overview:
+    input:
+        manifest=f"{RESULTS}/manifest.tsv",
+        rejected=f"{RESULTS}/manifest_rejected.tsv",
+        tables=tile_tables,
+    output:
+        overview=report(
+            f"{RESULTS}/slides.tsv",
+            caption="../report/slides.rst",
+            category="0. Slides",
+        ),
+    log:
+        f"{RESULTS}/logs/slides_overview.log",
+    conda:
+        "../envs/madflow.yaml"
+    params:
+        mags=MAGS,
+    script:
+        "../workflow_scripts/slides_overview.py"

@@ -12,6 +12,7 @@ from madflow.io import write_atomic
 from madflow.manifest import read_checked_manifest
 from madflow.metrics import evaluate, tidy
 from madflow.runlog import setup
+from madflow.sample_size import flag_small_samples
 
 log = setup(snakemake.log[0])
 p = snakemake.params
@@ -32,6 +33,7 @@ metrics, artifacts = evaluate(
     cv_folds=ev["cv_folds"],
     seed=p.seed,
 )
+metrics = flag_small_samples(metrics, artifacts)  # no CI and a note where too few slides or tiles
 with h5py.File(embedding_files[0], "r") as h5:
     encoder = str(h5.attrs["encoder"])
 table = tidy(metrics, snakemake.wildcards.experiment, encoder)

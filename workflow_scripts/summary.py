@@ -1,5 +1,6 @@
-"""Cross-experiment comparison table (mean and sd over seeds), the benchmark's checks and the
-cross-scale cue each experiment's network had when its training started."""
+"""Cross-experiment comparison table (mean and sd over seeds, with the notes of its headline
+metrics), the benchmark's checks and the cross-scale cue each experiment's network had when its
+training started."""
 
 import json
 from pathlib import Path
@@ -8,11 +9,13 @@ import pandas as pd
 
 from madflow.io import read_tsv, write_atomic
 from madflow.runlog import setup
-from madflow.summary import benchmark_checks, summary_table
+from madflow.summary import benchmark_checks, headline_notes, summary_table
 
 log = setup(snakemake.log[0])
 tables = [read_tsv(p) for p in snakemake.input.metrics]
 summary = summary_table(tables)
+metrics = pd.concat(tables, ignore_index=True)
+summary["notes"] = [headline_notes(metrics[metrics["experiment"].astype(str) == e]) for e in summary["experiment"]]
 write_atomic(snakemake.output.summary, lambda t: summary.to_csv(t, sep="\t", index=False))
 log.info("\n%s", summary.to_string())
 
