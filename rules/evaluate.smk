@@ -12,8 +12,10 @@ rule evaluate:
     log:
         f"{RESULTS}/logs/evaluate/{{experiment}}_seed{{seed}}.log",
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
     threads: 2
+    resources:
+        **rule_resources("evaluate"),
     params:
         mags=MAGS,
         evaluate=config["evaluate"],
@@ -26,13 +28,16 @@ rule evaluate:
 rule experiment_metrics:
     input:
         metrics=lambda wildcards: seed_metrics(wildcards.experiment, SEEDS),
+        provenance=f"{RESULTS}/{{experiment}}/provenance.json",
     output:
         metrics=f"{RESULTS}/{{experiment}}/metrics.tsv",
         summary=f"{RESULTS}/{{experiment}}/metrics.json",
     log:
         f"{RESULTS}/logs/experiment_metrics/{{experiment}}.log",
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("experiment_metrics"),
     script:
         "../workflow_scripts/combine_seeds.py"
 
@@ -49,7 +54,9 @@ rule summary:
     log:
         f"{RESULTS}/logs/summary.log",
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("summary"),
     script:
         "../workflow_scripts/summary.py"
 
@@ -62,6 +69,8 @@ rule multiseed_summary:
     log:
         f"{RESULTS}/logs/multiseed_summary.log",
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("multiseed_summary"),
     script:
         "../workflow_scripts/summary.py"

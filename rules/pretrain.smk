@@ -1,19 +1,42 @@
-rule experiment_config:
+# Only what training reads is a training input: train_config.json holds model, train, tiling
+# and the experiment's settings, so editing evaluate.* or another experiment retrains nothing.
+# The full config, commit and package versions go to provenance.json, which no job trains on.
+
+
+rule train_config:
     output:
-        config=f"{RESULTS}/{{experiment}}/config.json",
+        config=f"{RESULTS}/{{experiment}}/train_config.json",
     log:
-        f"{RESULTS}/logs/experiment_config/{{experiment}}.log",
+        f"{RESULTS}/logs/train_config/{{experiment}}.log",
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("train_config"),
     params:
-        config=config,
+        config=training_config,
+    script:
+        "../workflow_scripts/train_config.py"
+
+
+rule provenance:
+    output:
+        provenance=f"{RESULTS}/{{experiment}}/provenance.json",
+    log:
+        f"{RESULTS}/logs/provenance/{{experiment}}.log",
+    conda:
+        # the training env: its package versions are the ones recorded
+        "../envs/torch.yaml"
+    resources:
+        **rule_resources("provenance"),
+    params:
+        config=provenance_config,
     script:
         "../workflow_scripts/provenance.py"
 
 
 rule pretrain:
     input:
-        config=f"{RESULTS}/{{experiment}}/config.json",
+        config=f"{RESULTS}/{{experiment}}/train_config.json",
         tables=train_tables,
     output:
         encoder=f"{RESULTS}/{{experiment}}/seed{{seed}}/encoder.pt",
@@ -23,23 +46,25 @@ rule pretrain:
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/{{experiment}}_seed{{seed}}.tsv"
     conda:
-        "../envs/madflow.yaml"
+        "../envs/torch.yaml"
     threads: 2
+    resources:
+        **rule_resources("pretrain"),
     params:
         launcher=pretrain_launcher,
+        device=job_device,
         # checkpoints live beside, not as declared outputs: Snakemake deletes declared
         # outputs of a killed job, and a rerun must resume from them
         out_dir=lambda wildcards, output: str(Path(output.encoder).parent),
     shell:
         "{params.launcher} -m madflow.train --config {input.config}"
         " --experiment {wildcards.experiment} --tables {input.tables}"
-        " --out {params.out_dir} --seed {wildcards.seed} > {log} 2>&1"
+        " --out {params.out_dir} --seed {wildcards.seed} --device {params.device} > {log} 2>&1"
 
 
 rule embed:
     input:
         table=f"{RESULTS}/tiles/{{slide_id}}.parquet",
-        config=f"{RESULTS}/{{experiment}}/config.json",
         encoder=encoder_input,
     output:
         embeddings=f"{RESULTS}/{{experiment}}/seed{{seed}}/embeddings/{{slide_id}}.h5",
@@ -48,11 +73,42 @@ rule embed:
     benchmark:
         f"{RESULTS}/benchmarks/embed/{{experiment}}_seed{{seed}}_{{slide_id}}.tsv"
     conda:
-        "../envs/madflow.yaml"
+        "../envs/torch.yaml"
     threads: 1
+    resources:
+        **rule_resources("embed"),
     params:
         settings=lambda wildcards: experiment_settings(wildcards.experiment),
         tile_px=config["tiling"]["tile_px"],
         batch_size=config["embed"]["batch_size"],
+        device=job_device,
     script:
         "../workflow_scripts/embed.py"
+
+
+rule export_features:
+    input:
+        embeddings=f"{RESULTS}/{{experiment}}/seed{{seed}}/embeddings/{{slide_id}}.h5",
+        coords=expand(
+            f"{RESULTS}/tiles/coords/{{mag}}x/{{{{slide_id}}}}.h5", mag=MAG_NAMES
+        ),
+    output:
+        h5=expand(
+            f"{RESULTS}/{{{{experiment}}}}/seed{{{{seed}}}}/features/{{mag}}x/h5_files/{{{{slide_id}}}}.h5",
+            mag=MAG_NAMES,
+        ),
+        pt=expand(
+            f"{RESULTS}/{{{{experiment}}}}/seed{{{{seed}}}}/features/{{mag}}x/pt_files/{{{{slide_id}}}}.pt",
+            mag=MAG_NAMES,
+        ),
+    log:
+        f"{RESULTS}/logs/export_features/{{experiment}}_seed{{seed}}_{{slide_id}}.log",
+    conda:
+        # CLAM's .pt files are written with torch.save
+        "../envs/torch.yaml"
+    resources:
+        **rule_resources("export_features"),
+    params:
+        mags=MAGS,
+    script:
+        "../workflow_scripts/export_features.py"

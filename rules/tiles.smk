@@ -4,8 +4,10 @@ rule demo_slides:
     log:
         f"{RESULTS}/logs/demo_slides.log",
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
     threads: 2
+    resources:
+        **rule_resources("demo_slides"),
     params:
         demo=config["demo"],
         seed=config["seed"],
@@ -22,7 +24,9 @@ checkpoint manifest:
     log:
         f"{RESULTS}/logs/manifest.log",
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("manifest"),
     params:
         mags=MAGS,
         tile_px=config["tiling"]["tile_px"],
@@ -41,14 +45,16 @@ rule tile:
         qc=f"{RESULTS}/tiles/qc/{{slide_id}}.png",
         coords=expand(
             f"{RESULTS}/tiles/coords/{{mag}}x/{{{{slide_id}}}}.h5",
-            mag=[mag_str(m) for m in MAGS],
+            mag=MAG_NAMES,
         ),
     log:
         f"{RESULTS}/logs/tile/{{slide_id}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/tile/{{slide_id}}.tsv"
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("tile"),
     params:
         mags=MAGS,
         tile_px=config["tiling"]["tile_px"],

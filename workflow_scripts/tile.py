@@ -13,7 +13,7 @@ slide = manifest.set_index("slide_id").loc[snakemake.wildcards.slide_id].to_dict
 slide["slide_id"] = snakemake.wildcards.slide_id
 grid, thumb, thumb_ds, mask = tile_slide(slide, p.mags, p.tile_px, p.min_tissue)
 for mag, path in zip(p.mags, snakemake.output.coords):
-    write_coords_h5(grid, mag, path)  # empty coords, attr lacking=True, where the slide lacks mag
+    write_coords_h5(grid, slide, mag, p.tile_px, path)  # empty, lacking=True, where the slide lacks mag
 for mag, n in grid[grid["tissue"]].groupby("mag").size().items():
     log.info("%sx: %d tissue tiles of %d", mag_str(mag), n, int((grid["mag"] == mag).sum()))
 write_atomic(snakemake.output.qc, lambda t: qc_image(thumb, thumb_ds, mask, grid).save(t, format="PNG"))
