@@ -23,8 +23,8 @@ rule provenance:
         provenance=f"{RESULTS}/{{experiment}}/provenance.json",
     log:
         f"{RESULTS}/logs/provenance/{{experiment}}.log",
+    # the training env: its package versions are the ones recorded
     conda:
-        # the training env: its package versions are the ones recorded
         "../envs/torch.yaml"
     resources:
         **rule_resources("provenance"),
@@ -103,8 +103,8 @@ rule export_features:
         ),
     log:
         f"{RESULTS}/logs/export_features/{{experiment}}_seed{{seed}}_{{slide_id}}.log",
+    # CLAM's .pt files are written with torch.save
     conda:
-        # CLAM's .pt files are written with torch.save
         "../envs/torch.yaml"
     resources:
         **rule_resources("export_features"),
