@@ -138,7 +138,7 @@ def encoders(wildcards):
     return [
         f"{RESULTS}/{e}/seed{s}/encoder.pt"
         for e in EXPERIMENTS
-        if experiment_settings(e)["mode"] not in NO_PRETRAIN_MODES
+        if experiment_mode(e).pretrain_job
         for s in SEEDS
     ]
 
