@@ -95,28 +95,3 @@ def embed_slide(table_path: str, encode, encoder_name: str, out_path: str, batch
 
     write_atomic(out_path, write)
 
-
-def load_embeddings(paths, tables) -> tuple[pd.DataFrame, np.ndarray]:
-    """Join embedding files with their tile tables: (tiles DataFrame, X) row-aligned."""
-    import h5py
-
-    frames, xs = [], []
-    for path, table in zip(paths, tables):
-        grid = pd.read_parquet(table)
-        with h5py.File(path, "r") as h5:
-            for name, g in h5.items():
-                mag = float(g.attrs["magnification"])
-                key = pd.DataFrame({c: g[c][:] for c in ("i", "j", "k", "m")})
-                key["mag"] = mag
-                rows = grid[grid["mag"] == mag].copy()
-                for c in ("k", "m"):
-                    rows[c] = rows[c].fillna(-1).astype(np.int32)
-                merged = key.merge(rows, on=["mag", "i", "j", "k", "m"], how="left", validate="1:1")
-                if merged["x0"].isna().any():
-                    raise ValueError(f"{path} [{name}]: tiles missing from the tile table {table}")
-                frames.append(merged)
-                xs.append(g["features"][:])
-    tiles = pd.concat(frames, ignore_index=True)
-    for c in ("k", "m"):
-        tiles[c] = tiles[c].astype("Int32").where(tiles[c] >= 0)
-    return tiles, np.concatenate(xs).astype(np.float32)

@@ -22,6 +22,11 @@ import openslide
 from PIL import Image
 
 NATIVE_TOLERANCE = 0.01  # a level is native for a magnification within 1% of the factor
+# objective magnifications scanners are built for; a magnification measured from an MPP
+# (10 / mpp) is snapped to the nearest one within SNAP_TOLERANCE (scanners write 0.2527,
+# 0.263 or 0.2428 um/px at 40x, never 0.25)
+NOMINAL_MAGS = (5.0, 10.0, 20.0, 40.0, 60.0, 80.0)
+SNAP_TOLERANCE = 0.15
 BACKGROUND = 255  # padding outside the slide: white, like glass
 
 
@@ -42,6 +47,13 @@ def pair_str(*mags: float) -> str:
 def mpp_to_mag(mpp: float) -> float:
     """40x = 0.25 um/px, 20x = 0.5, 10x = 1.0 (SPEC section 3)."""
     return 10.0 / mpp
+
+
+def level_read_size(size0: int, downsample: float) -> tuple[int, int]:
+    """(step, n): a footprint of `size0` level-0 px is read as n x n pixels of a level whose
+    nominal integer downsample is `step` (level-0 x maps to x // step of the level)."""
+    step = max(1, round(downsample))
+    return step, max(1, round(size0 / step))
 
 
 @dataclass(frozen=True)
@@ -95,19 +107,39 @@ def footprint_size(tile_px: int, base_mag: float, mag: float) -> int:
     return int(size)
 
 
+def snap_magnification(mpp: float) -> float:
+    """The nominal magnification (NOMINAL_MAGS) of a measured pixel size: 10 / mpp snapped to
+    the nearest nominal value within SNAP_TOLERANCE; SlideError beyond it."""
+    measured = mpp_to_mag(mpp)
+    nominal = min(NOMINAL_MAGS, key=lambda m: abs(measured - m) / m)
+    if abs(measured - nominal) / nominal > SNAP_TOLERANCE:
+        raise SlideError(
+            f"mpp {mpp:g} um/px gives {measured:.2f}x, not within {SNAP_TOLERANCE:.0%} of a "
+            f"nominal magnification ({', '.join(mag_str(m) + 'x' for m in NOMINAL_MAGS)}); "
+            "set objective_power in the slide's manifest row"
+        )
+    return nominal
+
+
 def resolve_base_mag(props, objective_power=None, mpp=None) -> tuple[float, float | None, str]:
-    """Base magnification from openslide.objective-power, else openslide.mpp-x, else the
-    manifest's overrides (SPEC section 3). Returns (base_mag, mpp, source)."""
+    """Base magnification, first found of (SPEC section 3): the manifest row's
+    `objective_power`, its `mpp` (users fill these to correct wrong metadata, so they win),
+    the slide's openslide.objective-power, its openslide.mpp-x. An MPP is snapped to the
+    nominal magnification (`snap_magnification`). Returns (base_mag, mpp, source): mpp is the
+    measured pixel size (manifest's, else the slide's; None if neither), source names the
+    field that gave base_mag."""
+    row_power, row_mpp = _as_float(objective_power), _as_float(mpp)
+    slide_power = _as_float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
     slide_mpp = _as_float(props.get(openslide.PROPERTY_NAME_MPP_X))
-    power = _as_float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
-    if power:
-        return power, slide_mpp or _as_float(mpp), "objective-power"
+    measured_mpp = row_mpp or slide_mpp
+    if row_power:
+        return row_power, measured_mpp, "manifest objective_power"
+    if row_mpp:
+        return snap_magnification(row_mpp), row_mpp, "manifest mpp"
+    if slide_power:
+        return slide_power, measured_mpp, "objective-power"
     if slide_mpp:
-        return mpp_to_mag(slide_mpp), slide_mpp, "mpp"
-    if _as_float(objective_power):
-        return float(objective_power), _as_float(mpp), "manifest objective_power"
-    if _as_float(mpp):
-        return mpp_to_mag(float(mpp)), float(mpp), "manifest mpp"
+        return snap_magnification(slide_mpp), slide_mpp, "mpp"
     raise SlideError(
         "no magnification information: the slide has neither openslide.objective-power nor "
         "openslide.mpp-x; add an objective_power or mpp column to its manifest row"
@@ -212,16 +244,22 @@ class SlideReader:
         ntx = -(-page.imagewidth // page.tilewidth)
         index = ty * ntx + tx
         offset, count = page.dataoffsets[index], page.databytecounts[index]
-        data = os.pread(self._fd, count, offset) if count else None
-        if count and len(data) != count:
+        if count == 0:
+            # a sparse tile (never written): background, as OpenSlide reads it (transparent)
+            tile = np.full((page.tilelength, page.tilewidth, 3), BACKGROUND, np.uint8)
+            return self._remember(key, tile)
+        data = os.pread(self._fd, count, offset)
+        if len(data) != count:
             raise SlideError(f"{self.path}: truncated file (tile {index} of level {level})")
-        if page.compression == 7 and page.photometric in (2, 6) and data:
+        if page.compression == 7 and page.photometric in (2, 6):
             # plain JPEG (RGB or YCbCr): libjpeg-turbo directly, ~1.3x faster than page.decode
             tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables)
         else:
             segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
             tile = np.asarray(segment)
-        tile = tile.reshape(page.tilelength, page.tilewidth, -1)[..., :3]
+        return self._remember(key, tile.reshape(page.tilelength, page.tilewidth, -1)[..., :3])
+
+    def _remember(self, key, tile: np.ndarray) -> np.ndarray:
         self._cache[key] = tile
         if len(self._cache) > self._cache_tiles:
             self._cache.popitem(last=False)
@@ -265,8 +303,7 @@ class SlideReader:
         (area) only where the row says native is False. Written into `out` when given."""
         get = row.__getitem__ if hasattr(row, "__getitem__") else lambda k: getattr(row, k)
         level, size0, tile_px = int(get("level")), int(get("size0")), int(get("tile_px"))
-        step = round(float(get("downsample")))  # nominal integer downsample of the level
-        n = max(1, round(size0 / step))
+        step, n = level_read_size(size0, float(get("downsample")))
         x, y = int(get("x0")) // step, int(get("y0")) // step
         if n == tile_px:
             return self.read_level_region(level, x, y, n, n, out)

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from madflow import labels as labels_mod
 from madflow.hierarchy import GRID_KEYS
 from madflow.io import write_atomic
-from madflow.slides import SlideReader, choose_levels, footprint_size, mag_str
+from madflow.slides import SlideReader, choose_levels, footprint_size, level_read_size, mag_str
 
 
 
@@ -163,28 +163,51 @@ def tile_slide(slide: dict, mags, tile_px: int, min_tissue: float, class_map: di
     return grid, thumb, thumb_ds, mask
 
 
-def write_coords_h5(grid: pd.DataFrame, mag: float, path) -> None:
-    """CLAM/TRIDENT-style coordinates of the tissue tiles at one magnification; where the
-    slide lacks the magnification, an empty `coords` with attribute lacking=True."""
+def coords_attrs(slide: dict, mag: float, tile_px: int, level=None, downsample=None) -> dict:
+    """Attributes of a `coords` dataset that CLAM's and TRIDENT's readers both read right.
+
+    CLAM reads `patch_size` pixels at `patch_level` from each (x, y); TRIDENT reads
+    `patch_size * level0_magnification / target_magnification` level-0 pixels and resizes
+    them to `patch_size`. Both cover the tile's footprint only if `patch_size` is the pixels
+    read at `patch_level` and `target_magnification` is the magnification of those pixels.
+    Where the magnification has a native level that is `mag` itself; where it is resized
+    from a finer level (10x of a 20x scan: 2 * T px of level 0) it is the finer level's, and
+    `magnification` / `tile_px` keep what madflow embeds (T px at `mag`). A lacking
+    magnification (level None) gets an empty `coords` with lacking=True and the same keys."""
+    base = float(slide["base_mag"])
+    attrs = {
+        "level0_magnification": base,
+        "level0_width": int(slide["width"]),
+        "level0_height": int(slide["height"]),
+        "overlap": 0,
+        "name": str(slide["slide_id"]),
+        "magnification": float(mag),
+        "tile_px": int(tile_px),
+        "lacking": level is None,
+    }
+    if level is None:
+        return {**attrs, "patch_level": 0, "patch_size": int(tile_px), "target_magnification": float(mag),
+                "patch_size_level0": max(1, round(tile_px * base / mag)), "native": False}
+    size0 = footprint_size(tile_px, base, mag)
+    step, n = level_read_size(size0, downsample)
+    return {**attrs, "patch_level": int(level), "patch_size": n, "patch_size_level0": size0,
+            "target_magnification": base * n / size0, "native": bool(n == tile_px)}
+
+
+def write_coords_h5(grid: pd.DataFrame, slide: dict, mag: float, tile_px: int, path) -> None:
+    """Level-0 (x, y) of the tissue tiles at one magnification as an HDF5 `coords` dataset
+    with the attributes of `coords_attrs` (one slide: its checked manifest row)."""
     import h5py
 
     at_mag = grid[grid["mag"] == mag]
     rows = at_mag[at_mag["tissue"]]
+    level, downsample = (at_mag["level"].iloc[0], at_mag["downsample"].iloc[0]) if len(at_mag) else (None, None)
+    attrs = coords_attrs(slide, mag, tile_px, level, downsample)
 
     def write(tmp):
         with h5py.File(tmp, "w") as h5:
             ds = h5.create_dataset("coords", data=rows[["x0", "y0"]].to_numpy(np.int64).reshape(-1, 2))
-            ds.attrs["lacking"] = at_mag.empty
-            ds.attrs["target_magnification"] = float(mag)
-            if at_mag.empty:
-                return
-            first = at_mag.iloc[0]
-            ds.attrs["patch_level"] = int(first["level"])
-            ds.attrs["patch_size"] = int(first["tile_px"])
-            ds.attrs["patch_size_level0"] = int(first["size0"])
-            ds.attrs["native"] = bool(first["native"])
-            ds.attrs["overlap"] = 0
-            ds.attrs["name"] = str(first["slide_id"])
+            ds.attrs.update(attrs)
 
     write_atomic(path, write)
 

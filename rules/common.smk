@@ -20,8 +20,20 @@ from madflow.timm_names import unknown_archs
 
 validate(config, "../schemas/config.schema.yaml")
 
+# madflow is imported from the workflow's own folder, never installed into a rule's env:
+# script jobs find it on Snakemake's search path (the Snakefile's folder), shell jobs
+# (pretrain: python -m madflow.train) through PYTHONPATH
+shell.prefix(
+    f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}"
+    "${{PYTHONPATH:+:$PYTHONPATH}}; "
+)
+
 RESULTS = "results"
 MAGS = sorted(float(m) for m in config["tiling"]["magnifications"])
+MAG_NAMES = [mag_str(m) for m in MAGS]
+# per-job requests (mem_mb, runtime, gpu, cpus_per_gpu) of each rule, from config `resources:`;
+# rules without an entry get `default` (docs/cluster.md)
+RESOURCES = config["resources"]
 EXPERIMENTS = list(config["experiments"])
 SEEDS = [int(s) for s in config["train"]["seeds"]]
 STUDY_SEEDS = [int(s) for s in config["study"]["seeds"]]
@@ -90,7 +102,9 @@ def slide_ids():
 
 def split_slide_ids(split, needed_by):
     """Slide ids of one split; a clear error, before any job needs them, when there is none."""
-    return require_split(checked_manifest(), split, needed_by, f"{RESULTS}/manifest.tsv")
+    return require_split(
+        checked_manifest(), split, needed_by, f"{RESULTS}/manifest.tsv"
+    )
 
 
 # manifest columns that do not change a slide's tiles (a new split must not retile it)
@@ -174,6 +188,14 @@ def part_tables(wildcards):
     return expand(f"{RESULTS}/tiles/{{slide_id}}.parquet", slide_id=ids)
 
 
+def embedding_part(wildcards):
+    """The embed job's folder that holds one slide's embeddings."""
+    part = next(k for k, ids in enumerate(embed_parts()) if wildcards.slide_id in ids)
+    return (
+        f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/embeddings/part{part}"
+    )
+
+
 def embeddings(wildcards):
     """The embed jobs' output folders of one experiment and seed (one per part)."""
     split_slide_ids("test", "evaluation")
@@ -209,6 +231,58 @@ def train_logs(wildcards):
         for e in EXPERIMENTS
         if experiment_mode(e).trains
     }
+
+
+def rule_resources(name):
+    """A rule's requests: config resources.<name> over resources.default."""
+    return {**RESOURCES["default"], **RESOURCES.get(name, {})}
+
+
+def job_device(wildcards, resources):
+    """'cpu' for a job granted no GPU (even where one is visible), else 'auto' (CUDA if any)."""
+    return "auto" if int(resources.get("gpu", 0) or 0) > 0 else "cpu"
+
+
+def training_config(wildcards):
+    """What pretraining reads (model, train, tiling and the experiment's own settings):
+    the params of train_config, so that only a change to these retrains an experiment.
+    """
+    train = {k: v for k, v in config["train"].items() if k != "seeds"}
+    names = [wildcards.experiment]
+    init = experiment_train_config(wildcards.experiment).get("init")
+    if init:  # its encoder is an input; its entry names the stage the run starts from
+        names.append(init)
+    return {
+        "model": config["model"],
+        "train": train,
+        "tiling": config["tiling"],
+        "experiments": {name: config["experiments"][name] for name in names},
+    }
+
+
+def provenance_config(wildcards):
+    """The resolved config, less where jobs run (resources): recorded, never a training input."""
+    return {k: v for k, v in config.items() if k != "resources"}
+
+
+def encoders(wildcards):
+    """Every encoder that pretraining writes: experiments with a pretrain job, train seeds."""
+    return [
+        f"{RESULTS}/{e}/seed{s}/encoder.pt"
+        for e in EXPERIMENTS
+        if experiment_mode(e).pretrain_job
+        for s in SEEDS
+    ]
+
+
+def exported_features(wildcards):
+    return expand(
+        f"{RESULTS}/{{experiment}}/seed{{seed}}/features/{{mag}}x/h5_files/{{slide_id}}.h5",
+        experiment=EXPERIMENTS,
+        seed=SEEDS,
+        mag=MAG_NAMES,
+        slide_id=slide_ids(),
+    )
 
 
 def pretrain_launcher(wildcards, resources):

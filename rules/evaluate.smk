@@ -14,8 +14,10 @@ rule evaluate:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{experiment}}_seed{{seed}}.tsv"
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
     threads: 2
+    resources:
+        **rule_resources("evaluate"),
     params:
         mags=MAGS,
         evaluate=config["evaluate"],
@@ -28,6 +30,7 @@ rule evaluate:
 rule experiment_metrics:
     input:
         metrics=lambda wildcards: seed_metrics(wildcards.experiment, SEEDS),
+        provenance=f"{RESULTS}/{{experiment}}/provenance.json",
     output:
         metrics=f"{RESULTS}/{{experiment}}/metrics.tsv",
         summary=f"{RESULTS}/{{experiment}}/metrics.json",
@@ -36,7 +39,9 @@ rule experiment_metrics:
     benchmark:
         f"{RESULTS}/benchmarks/experiment_metrics/{{experiment}}.tsv"
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("experiment_metrics"),
     script:
         "../workflow_scripts/combine_seeds.py"
 
@@ -63,7 +68,9 @@ rule summary:
     benchmark:
         f"{RESULTS}/benchmarks/summary/summary.tsv"
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("summary"),
     script:
         "../workflow_scripts/summary.py"
 
@@ -82,6 +89,8 @@ rule multiseed_summary:
     log:
         f"{RESULTS}/logs/multiseed_summary.log",
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("multiseed_summary"),
     script:
         "../workflow_scripts/summary.py"

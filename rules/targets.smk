@@ -1,4 +1,5 @@
-# Named targets: tiles, exp_<name> per experiment, multiseed, figures, report (all: Snakefile).
+# Named targets: tiles, encoders, features, exp_<name> per experiment, multiseed, figures, report
+# (all: Snakefile).
 
 
 rule tiles:
@@ -6,6 +7,19 @@ rule tiles:
         tables=tile_tables,
         qc=tile_qc,
         overview=f"{RESULTS}/slides.tsv",
+
+
+# every encoder pretraining writes (`snakemake --until pretrain` cannot see past the manifest
+# checkpoint, so it trains nothing)
+rule encoders:
+    input:
+        encoders,
+
+
+# embeddings of every experiment in CLAM's and TRIDENT's per-magnification layout
+rule features:
+    input:
+        exported_features,
 
 
 # one target per experiment in config.yaml: adding an experiment adds its target
@@ -56,7 +70,9 @@ rule figures:
     benchmark:
         f"{RESULTS}/benchmarks/figures/figures.tsv"
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("figures"),
     params:
         experiments=EXPERIMENTS,
         seed=SEEDS[0],
@@ -78,27 +94,20 @@ rule benchmark_table:
     log:
         f"{RESULTS}/logs/benchmark_table.log",
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("benchmark_table"),
     params:
         folder=lambda wildcards, output: str(Path(output.table).parent),
     script:
         "../workflow_scripts/benchmark_table.py"
 
 
+# everything the report shows; then `snakemake --report results/report.html` writes it
+# (Snakemake's own report, from the run's metadata: docs/cluster.md)
 rule report:
     input:
         f"{RESULTS}/summary.tsv",
         f"{RESULTS}/slides.tsv",
         f"{RESULTS}/figures/figures.done",
         f"{RESULTS}/benchmarks/summary.tsv",
-    output:
-        html=f"{RESULTS}/report.html",
-    log:
-        f"{RESULTS}/logs/report.log",
-    conda:
-        "../envs/madflow.yaml"
-    params:
-        snakefile=workflow.main_snakefile,
-        config=config,
-    script:
-        "../workflow_scripts/report.py"

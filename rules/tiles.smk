@@ -6,8 +6,10 @@ rule demo_slides:
     benchmark:
         f"{RESULTS}/benchmarks/demo_slides/demo.tsv"
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
     threads: 2
+    resources:
+        **rule_resources("demo_slides"),
     params:
         demo=config["demo"],
         seed=config["seed"],
@@ -27,7 +29,9 @@ checkpoint manifest:
     benchmark:
         f"{RESULTS}/benchmarks/manifest/manifest.tsv"
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("manifest"),
     params:
         mags=MAGS,
         tile_px=config["tiling"]["tile_px"],
@@ -48,14 +52,16 @@ rule tile:
         qc=f"{RESULTS}/tiles/qc/{{slide_id}}.png",
         coords=expand(
             f"{RESULTS}/tiles/coords/{{mag}}x/{{{{slide_id}}}}.h5",
-            mag=[mag_str(m) for m in MAGS],
+            mag=MAG_NAMES,
         ),
     log:
         f"{RESULTS}/logs/tile/{{slide_id}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/tile/{{slide_id}}.tsv"
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("tile"),
     params:
         mags=MAGS,
         tile_px=config["tiling"]["tile_px"],

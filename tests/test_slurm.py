@@ -1,4 +1,5 @@
-"""The cluster path for real: `snakemake --profile slurm tiles` on a single-node Slurm.
+"""The cluster path for real: `snakemake tiles --profile ci/slurm-profile` on a single-node
+Slurm (the production profile slurm/ differs only in its status checks: see its comments).
 
 The session fixture starts Slurm with `ci/slurm.sh start` (root; installs slurm-wlm and munge
 with apt-get if missing). If that is impossible the tests are skipped with the script's reason
@@ -39,10 +40,12 @@ WORKFLOW_PARTS = [
     "workflow_scripts",
     "madflow",
     "slurm",
+    "ci",
     "pyproject.toml",
 ]
 FALLBACK_DEMO = {"n_slides": 3, "size": 2048, "n_test": 1}
 RUN_TIMEOUT_S = 600
+PROFILE = "ci/slurm-profile"  # squeue status checks: the test cluster has no accounting
 SUBMITTED_RE = re.compile(
     r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: ([^)]*)\)"
 )
@@ -162,7 +165,7 @@ def _scontrol_job(job_id: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def slurm_tiles_run(slurm_cluster, tmp_path_factory):
-    """`snakemake --profile slurm tiles` in a temporary copy of the repository."""
+    """`snakemake tiles --profile ci/slurm-profile` in a temporary copy of the repository."""
     work = tmp_path_factory.mktemp("slurm_wf")
     _copy_workflow(work)
     config_args, n_slides = _config_args(work)
@@ -174,7 +177,7 @@ def slurm_tiles_run(slurm_cluster, tmp_path_factory):
         *_snakemake(),
         "tiles",  # the target first: --configfile takes every following word
         "--profile",
-        "slurm",
+        PROFILE,
         *config_args,
         "--slurm-keep-successful-logs",  # keep per-job logs as evidence
     ]
@@ -190,7 +193,7 @@ def slurm_tiles_run(slurm_cluster, tmp_path_factory):
     if rc != 0 and run_id:  # do not leave jobs of a failed/killed run queued
         _sh(["scancel", "--name", run_id.group(1)])
     print(
-        f"\nsnakemake --profile slurm tiles: exit {rc} in {wall_s:.1f} s (dir {work})"
+        f"\nsnakemake tiles --profile {PROFILE}: exit {rc} in {wall_s:.1f} s (dir {work})"
     )
     return {
         "rc": rc,
@@ -219,13 +222,13 @@ def test_tiles_run_succeeds_through_slurm(slurm_tiles_run):
     run = slurm_tiles_run
     if run["rc"] == 124 or run["rc"] == 137:
         pytest.fail(
-            f"snakemake --profile slurm timed out after {RUN_TIMEOUT_S} s\n{_tail(run['log'])}"
+            f"snakemake --profile {PROFILE} timed out after {RUN_TIMEOUT_S} s\n{_tail(run['log'])}"
         )
     assert run["rc"] == 0, (
-        f"snakemake --profile slurm tiles exited {run['rc']}\n{_tail(run['log'])}\n"
+        f"snakemake tiles --profile {PROFILE} exited {run['rc']}\n{_tail(run['log'])}\n"
         f"{_failed_job_logs(run['work'])}"
     )
-    assert "Using profile slurm" in run["log"], "the slurm/ profile was not picked up"
+    assert f"Using profile {PROFILE}" in run["log"], f"the {PROFILE} profile was not picked up"
     assert run["run_id"], "no 'SLURM run ID' in the log: the slurm executor did not run"
     assert run["submitted"], "no job was submitted to Slurm:\n" + _tail(run["log"])
 

@@ -70,7 +70,7 @@ def test_tiles_end_to_end(workdir):
 
 @pytest.mark.slow
 def test_whole_chain_end_to_end(workdir):
-    """`snakemake --cores 2` and the report on the small demo: every metric, figure and
+    """`snakemake --cores 2` and `snakemake --report` on the small demo: every metric, figure and
     provenance record exists and is well-formed."""
     run_snakemake(workdir, "--cores", "2")
     res = workdir / "results"
@@ -93,7 +93,7 @@ def test_whole_chain_end_to_end(workdir):
         assert expected <= got, expected - got
         ba = metrics[metrics["metric"] == "probe_ba"]["value"]
         assert ba.between(0, 1).all()
-        prov = json.loads((res / exp / "config.json").read_text())
+        prov = json.loads((res / exp / "provenance.json").read_text())
         assert prov["git_commit"] and prov["packages"]["torch"]
     figs = (res / "figures" / "figures.done").read_text().split()
     names = {Path(f).stem for f in figs}
@@ -104,6 +104,7 @@ def test_whole_chain_end_to_end(workdir):
     for f in figs:
         assert (workdir / f).stat().st_size > 2000
     run_snakemake(workdir, "--cores", "1", "report")
+    run_snakemake(workdir, "--report", "results/report.html")
     html = (res / "report.html").read_text(errors="ignore")
     assert "retention_bars" in html and "summary.tsv" in html
 

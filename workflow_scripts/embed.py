@@ -1,16 +1,21 @@
 """Embed every tissue tile of a part of the slides with one experiment's encoder, loaded
 once: one HDF5 per slide in the part's output folder."""
 
+import os
 from pathlib import Path
 
-from madflow.embed import build_encoder, embed_slide
-from madflow.runlog import setup
+if snakemake.params.device == "cpu":
+    # a job granted no GPU runs on CPU even where one is visible (before torch is imported)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+from madflow.embed import build_encoder, embed_slide  # noqa: E402
+from madflow.runlog import setup  # noqa: E402
 
 log = setup(snakemake.log[0])
 p = snakemake.params
 encoder_path = snakemake.input.encoder if snakemake.input.encoder else None
 encode, name = build_encoder(p.settings, encoder_path, p.tile_px)
-log.info("encoder: %s", name)
+log.info("encoder: %s (device: %s)", name, p.device)
 out = Path(snakemake.output.embeddings)
 out.mkdir(parents=True, exist_ok=True)
 for table in snakemake.input.tables:

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from madflow.embed import load_embeddings
+from madflow.features import load_embeddings
 from madflow.io import write_atomic
 from madflow.manifest import read_checked_manifest
 from madflow.metrics import evaluate, tidy
@@ -32,6 +32,7 @@ metrics, artifacts = evaluate(
     n_bootstrap=ev["n_bootstrap"],
     cv_folds=ev["cv_folds"],
     seed=p.seed,
+    threads=snakemake.threads,
 )
 metrics = flag_small_samples(metrics, artifacts)  # no CI and a note where too few slides or tiles
 with h5py.File(embedding_files[0], "r") as h5:

@@ -1,4 +1,5 @@
-"""Record what produced an experiment's results: resolved config, git commit, versions."""
+"""Record what produced an experiment's results: resolved config, git commit, versions
+(recorded beside the results; no job reads it)."""
 
 import json
 from pathlib import Path
@@ -15,5 +16,5 @@ record = {
     **provenance(),
     "written": datetime.now(timezone.utc).isoformat(),
 }
-write_atomic(snakemake.output.config, lambda t: Path(t).write_text(json.dumps(record, indent=2, default=str)))
+write_atomic(snakemake.output.provenance, lambda t: Path(t).write_text(json.dumps(record, indent=2, default=str)))
 log.info("commit %s", record["git_commit"])

@@ -14,7 +14,7 @@ for note in filter(None, slide["notes"].split("; ")):
     log.warning("%s: %s", slide["slide_id"], note)
 grid, thumb, thumb_ds, mask = tile_slide(slide, p.mags, p.tile_px, p.min_tissue, p.class_map)
 for mag, path in zip(p.mags, snakemake.output.coords):
-    write_coords_h5(grid, mag, path)  # empty coords, attr lacking=True, where the slide lacks mag
+    write_coords_h5(grid, slide, mag, p.tile_px, path)  # empty, lacking=True, where the slide lacks mag
 for mag in sorted(grid["mag"].unique()):
     at_mag = grid[grid["mag"] == mag]
     n = int(at_mag["tissue"].sum())
