@@ -88,7 +88,7 @@ def test_production_profile_keeps_site_values_only():
     assert not {"default-resources", "set-resources"} & set(profile)
     # the plugin's default status checks (sacct) keep failure reasons; squeue is the CI's
     assert not {"slurm-status-command", "slurm-init-seconds-before-status-checks"} & set(profile)
-    ci = yaml.safe_load((REPO / "ci" / "slurm-profile" / "config.yaml").read_text())
+    ci = yaml.safe_load((REPO / ".ci" / "slurm-profile" / "config.yaml").read_text())
     assert ci["slurm-status-command"] == "squeue" and ci["executor"] == "slurm"
 
 

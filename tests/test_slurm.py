@@ -1,7 +1,7 @@
-"""The cluster path for real: `snakemake tiles --profile ci/slurm-profile` on a single-node
+"""The cluster path for real: `snakemake tiles --profile .ci/slurm-profile` on a single-node
 Slurm (the production profile slurm/ differs only in its status checks: see its comments).
 
-The session fixture starts Slurm with `ci/slurm.sh start` (root; installs slurm-wlm and munge
+The session fixture starts Slurm with `.ci/slurm.sh start` (root; installs slurm-wlm and munge
 with apt-get if missing). If that is impossible the tests are skipped with the script's reason
 (`pytest -ra` prints it); set MADFLOW_REQUIRE_SLURM=1 to turn that skip into a failure (CI).
 
@@ -27,7 +27,7 @@ import yaml
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
-SLURM_SH = REPO / "ci" / "slurm.sh"
+SLURM_SH = REPO / ".ci" / "slurm.sh"
 SLURM_DIR = Path(os.environ.get("MADFLOW_SLURM_DIR", "/tmp/madflow-slurm"))
 SMALL_CONFIG = REPO / "tests" / "config_small.yaml"
 # what a copy of the workflow needs (tests/config_small.yaml is copied when present)
@@ -40,12 +40,12 @@ WORKFLOW_PARTS = [
     "workflow_scripts",
     "madflow",
     "slurm",
-    "ci",
+    ".ci",
     "pyproject.toml",
 ]
 FALLBACK_DEMO = {"n_slides": 3, "size": 2048, "n_test": 1}
 RUN_TIMEOUT_S = 600
-PROFILE = "ci/slurm-profile"  # squeue status checks: the test cluster has no accounting
+PROFILE = ".ci/slurm-profile"  # squeue status checks: the test cluster has no accounting
 SUBMITTED_RE = re.compile(
     r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: ([^)]*)\)"
 )
@@ -103,11 +103,11 @@ def slurm_cluster():
             ["timeout", "-k", "10", "900", "bash", str(SLURM_SH), "start"], timeout=930
         )
     except subprocess.TimeoutExpired:
-        _unavailable("ci/slurm.sh start did not finish within 930 s")
+        _unavailable(".ci/slurm.sh start did not finish within 930 s")
     if res.returncode != 0:
         msg = (res.stderr.strip() or res.stdout.strip()).splitlines()
         _unavailable(
-            "cannot start Slurm (ci/slurm.sh start exit "
+            "cannot start Slurm (.ci/slurm.sh start exit "
             f"{res.returncode}): {' | '.join(msg[-5:]) or 'no output'}"
         )
     start_s = time.monotonic() - t0
@@ -165,7 +165,7 @@ def _scontrol_job(job_id: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def slurm_tiles_run(slurm_cluster, tmp_path_factory):
-    """`snakemake tiles --profile ci/slurm-profile` in a temporary copy of the repository."""
+    """`snakemake tiles --profile .ci/slurm-profile` in a temporary copy of the repository."""
     work = tmp_path_factory.mktemp("slurm_wf")
     _copy_workflow(work)
     config_args, n_slides = _config_args(work)

@@ -68,7 +68,7 @@ def test_tiles_end_to_end(workdir):
     assert len(list((res / "benchmarks" / "tile").glob("*.tsv"))) == 4
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_whole_chain_end_to_end(workdir):
     """`snakemake --cores 2` and `snakemake --report` on the small demo: every metric, figure and
     provenance record exists and is well-formed."""
