@@ -23,7 +23,7 @@ import pandas as pd
 STAGES = {"demo_slides": "demo slides", "manifest": "tiling", "tile": "tiling", "pretrain": "training",
           "embed": "embedding", "evaluate": "evaluation", "experiment_metrics": "evaluation",
           "summary": "evaluation", "figures": "figures", "experiment_config": "other"}
-STARTUP = re.compile(r"startup ([0-9.]+) s")
+STARTUP = re.compile(r"startup ([0-9.]+) CPU s")
 STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]")
 
 

@@ -7,8 +7,6 @@ import logging
 import sys
 import time
 
-import psutil
-
 
 def setup(log_path: str) -> logging.Logger:
     """Send logging and stderr (tqdm progress bars, warnings) to `log_path`."""
@@ -22,6 +20,6 @@ def setup(log_path: str) -> logging.Logger:
 
 
 def log_startup(log: logging.Logger) -> None:
-    """Log the job's start-up cost (interpreter start and imports, until now), which the
+    """Log the CPU time the job has used so far (interpreter start and imports), which the
     demo's profile (bench/profile_demo.py) counts as per-job overhead."""
-    log.info("startup %.2f s (interpreter start and imports)", time.time() - psutil.Process().create_time())
+    log.info("startup %.2f CPU s (interpreter start and imports)", time.process_time())

@@ -86,7 +86,9 @@ rule slides_overview:
     log:
         f"{RESULTS}/logs/slides_overview.log",
     conda:
-        "../envs/madflow.yaml"
+        "../envs/core.yaml"
+    resources:
+        **rule_resources("slides_overview"),
     params:
         mags=MAGS,
     script:
