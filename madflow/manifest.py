@@ -261,9 +261,9 @@ def check_manifest(path, mags, tile_px: int, bad_slides: str, test_frac: float, 
 
 
 def read_checked_manifest(path) -> pd.DataFrame:
-    """The manifest stage's output (results/manifest.tsv) as every later step reads it:
-    slide ids as text, empty cells as empty strings."""
-    return pd.read_csv(path, sep="\t", dtype={"slide_id": str}, keep_default_na=False)
+    """The manifest stage's output (results/manifest.tsv) as every later step reads it: every
+    value as text (a tile job's row parameter stays the same text), empty cells as ''."""
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
 
 
 def _cause(err: Exception) -> str:

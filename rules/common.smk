@@ -3,7 +3,6 @@ import json
 import shlex
 from pathlib import Path
 
-import pandas as pd
 from snakemake.utils import validate
 
 from madflow.config import resolve_train_config
@@ -12,6 +11,7 @@ from madflow.manifest import (
     SLIDE_ID_PATTERN,
     file_fingerprint,
     input_files,
+    read_checked_manifest,
     require_split,
 )
 from madflow.modes import get_mode
@@ -91,7 +91,7 @@ def checked_manifest():
     key = (path, file_fingerprint(path))
     if key not in _CHECKED:
         _CHECKED.clear()
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        table = read_checked_manifest(path)
         _CHECKED[key] = table.set_index("slide_id", drop=False)
     return _CHECKED[key]
 
