@@ -1,4 +1,4 @@
-"""Embeddings per slide per magnification (SPEC 8 notation e_m(t)): L2-normalised CLS
+"""Embeddings per slide per magnification (e_m(t) of docs/metrics.md): L2-normalised CLS
 embeddings of every tissue tile, read through the native tile reader, written in the
 TRIDENT `features`/`coords` layout (see docs/CONTRACTS.md)."""
 

@@ -1,4 +1,4 @@
-"""Paper-style figures (SPEC section 10), drawn from tidy metric tables and evaluate() artifacts.
+"""Paper-style figures (the report (README)), drawn from tidy metric tables and evaluate() artifacts.
 
 Every drawing function takes ``out`` (a path with or without ``.png``/``.pdf``) and writes
 both ``<out>.png`` and ``<out>.pdf`` atomically (temporary file, then ``os.replace``); it
@@ -44,7 +44,7 @@ __all__ = [
     "segmentation_maps", "training_curves", "tiling_qc",
 ]
 
-# fixed colours for the named experiments (SPEC section 9), so a figure never recolours
+# fixed colours for the named experiments (docs/config.md), so a figure never recolours
 # an experiment because another one was added or removed
 _KNOWN_EXPERIMENTS = ["mad", "same_mag", "shuffled", "interp", "pair_10_40", "tri",
                       "random_init", "color_stats", "supervised", "base", "same_mag_scratch"]
@@ -87,7 +87,7 @@ def _pair_key(p: str):
 
 # ----------------------------------------------------------------------------- palettes
 def experiment_palette(names: Iterable[str]) -> dict[str, str]:
-    """Colour per experiment, stable across figures: the SPEC experiments have fixed
+    """Colour per experiment, stable across figures: the named experiments have fixed
     colours, any other name (``external:...``) gets one from its name's hash."""
     out = {}
     for n in names:

@@ -1,9 +1,9 @@
-"""Evaluation metrics for magnification invariance of tile embeddings (SPEC section 8).
+"""Evaluation metrics for magnification invariance of tile embeddings (docs/metrics.md).
 
 Entry points
 ------------
 ``evaluate(tiles, X, magnifications=...) -> (metrics_df, artifacts)``
-    All SPEC-8 metrics on one encoder's embeddings.  ``tiles`` has one row per embedded
+    All metrics of docs/metrics.md on one encoder's embeddings.  ``tiles`` has one row per embedded
     tile (``slide_id, mag, i, j, k, m, label, label_purity, split, x0, y0, size0``) and is
     row-aligned with ``X`` (N, D), L2-normalised.
 ``tidy(metrics_df, experiment, encoder)``
@@ -11,7 +11,7 @@ Entry points
 ``slide_split(slide_ids, n_test=None, frac=0.3, seed=0)``
     Deterministic slide-level split (used when the manifest has no ``split``).
 
-Metric names and scopes are exactly those of SPEC section 8.  Confidence intervals are
+Metric names and scopes are exactly those of docs/metrics.md.  Confidence intervals are
 95% percentile bootstrap intervals: over *test slides* for the probe, retention and
 segmentation metrics (the fitted probe is fixed, slides are resampled with replacement,
 and per-slide confusion matrices are summed, so no refitting happens per resample), and
@@ -330,7 +330,7 @@ def evaluate(tiles: pd.DataFrame, X: np.ndarray, *, magnifications: Sequence[flo
              seed: int = 0, n_clusters: int | None = None, Cs: Sequence[float] = DEFAULT_CS,
              split_frac: float = 0.3, pca: bool = True,
              threads: int | None = 1) -> tuple[pd.DataFrame, dict]:
-    """Compute every SPEC-8 metric.  See the module docstring.
+    """Compute every metric of docs/metrics.md.  See the module docstring.
 
     ``n_clusters``: k of the label-free k-means (default 8; with labels k = #classes).
     ``Cs``: the probe's C grid.  ``split_frac``/``seed``: the slide split used when
@@ -689,7 +689,7 @@ def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed,
 
 
 def tidy(metrics_df: pd.DataFrame, experiment: str, encoder: str) -> pd.DataFrame:
-    """Tidy table in SPEC column order (+ ``note``; extra columns such as ``seed`` kept last)."""
+    """Tidy table in the tidy column order (+ ``note``; extra columns such as ``seed`` kept last)."""
     df = metrics_df.copy()
     df.insert(0, "encoder", encoder)
     df.insert(0, "experiment", experiment)

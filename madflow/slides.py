@@ -2,7 +2,7 @@
 
 Pixels come from the stored pyramid level itself: level-0 coordinates map to a level by
 integer division by its nominal downsample, never through OpenSlide's sub-pixel
-interpolation (NOTES: up to ~70 grey levels off). TIFF-based slides (.svs, .tif, .ndpi, ...)
+interpolation (measured: up to ~70 grey levels off). TIFF-based slides (.svs, .tif, .ndpi, ...)
 are decoded tile by tile with tifffile/imagecodecs behind a small LRU cache of decoded
 tiles, which is what makes grid-order reads fast; other formats (.mrxs, ...) fall back to
 OpenSlide `read_region` at the level.
@@ -45,7 +45,7 @@ def pair_str(*mags: float) -> str:
 
 
 def mpp_to_mag(mpp: float) -> float:
-    """40x = 0.25 um/px, 20x = 0.5, 10x = 1.0 (SPEC section 3)."""
+    """40x = 0.25 um/px, 20x = 0.5, 10x = 1.0 (docs/slides.md)."""
     return 10.0 / mpp
 
 
@@ -122,7 +122,7 @@ def snap_magnification(mpp: float) -> float:
 
 
 def resolve_base_mag(props, objective_power=None, mpp=None) -> tuple[float, float | None, str]:
-    """Base magnification, first found of (SPEC section 3): the manifest row's
+    """Base magnification, first found of (docs/slides.md): the manifest row's
     `objective_power`, its `mpp` (users fill these to correct wrong metadata, so they win),
     the slide's openslide.objective-power, its openslide.mpp-x. An MPP is snapped to the
     nominal magnification (`snap_magnification`). Returns (base_mag, mpp, source): mpp is the

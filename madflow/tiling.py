@@ -1,4 +1,4 @@
-"""Tissue mask and the exact hierarchical tile grid of SPEC section 4.
+"""Tissue mask and the exact hierarchical tile grid of docs/CONTRACTS.md.
 
 Every coordinate is an integer multiple of the finest footprint, so a child's footprint is
 exactly 1/r**2 of its parent's and the r*r children partition the parent whatever the

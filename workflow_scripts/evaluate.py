@@ -1,4 +1,4 @@
-"""Every SPEC section 8 metric for one experiment and seed."""
+"""Every metric (docs/metrics.md) for one experiment and seed."""
 
 import json
 from pathlib import Path
@@ -38,7 +38,7 @@ metrics = flag_small_samples(metrics, artifacts)  # no CI and a note where too f
 with h5py.File(embedding_files[0], "r") as h5:
     encoder = str(h5.attrs["encoder"])
 table = tidy(metrics, snakemake.wildcards.experiment, encoder)
-table["seed"] = int(snakemake.wildcards.seed)  # after the SPEC columns: several seeds, one table
+table["seed"] = int(snakemake.wildcards.seed)  # after the tidy columns: several seeds, one table
 for row in table.itertuples():
     log.info("%s %s = %.4f [%.4f, %.4f] %s", row.metric, row.scope, row.value, row.ci_low, row.ci_high, row.note)
 summary = {

@@ -1,4 +1,4 @@
-"""Check every slide of the manifest (SPEC section 2); write the checked manifest."""
+"""Check every slide of the manifest (docs/slides.md); write the checked manifest."""
 
 import sys
 

@@ -15,7 +15,7 @@ from madflow.io import write_atomic
 TILE = 256               # stored tile side (all levels)
 JPEG_Q = 90
 
-# what OpenSlide needs to see an Aperio pyramid (NOTES): tiled JPEG pages, no tifffile metadata
+# what OpenSlide needs to see an Aperio pyramid (measured): tiled JPEG pages, no tifffile metadata
 TIFF_KWARGS = dict(tile=(TILE, TILE), photometric="rgb", compression="jpeg",
                 compressionargs={"level": JPEG_Q}, metadata=None, software=False)
 

@@ -180,7 +180,7 @@ class SlideModel:
         n = S // CELL
         # class regions: blocks of REGION px (256 um, the demo's 2.5x tile footprint) with
         # domain-warped borders, each class on a balanced share of blocks, so that most 2.5x
-        # tiles are >= 80% one class (SPEC 5 purity) while borders still wander off the grid
+        # tiles are >= 80% one class (the evaluation's purity threshold) while borders still wander off the grid
         g = max(2, S // REGION)
         cs = S / g
         reps = np.resize(np.arange(len(CLASSES)), g * g)
