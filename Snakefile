@@ -1,5 +1,5 @@
 # madflow: Magnification-Aware Distillation on whole-slide images.
-# Chain (SPEC section 1): manifest -> tile -> pretrain -> embed -> evaluate -> figures/report.
+# Chain: manifest -> tile -> pretrain -> embed -> evaluate -> figures/report.
 
 
 configfile: "config.yaml"

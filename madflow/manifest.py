@@ -1,5 +1,5 @@
 """The manifest stage: read the user's slide table, open and check every slide, resolve its
-base magnification and the level to read each target magnification from (SPEC 2-3).
+base magnification and the level to read each target magnification from (docs/slides.md).
 
 Every bad slide is found in one pass, so a user sees all problems at once."""
 

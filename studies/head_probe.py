@@ -1,8 +1,8 @@
 """Where does a trained run's cross-scale transfer live? A 10x->40x probe (StandardScaler +
 logistic regression, trained on the train slides' pure 10x tiles, tested on the test slides'
-pure 40x tiles; 15% of 40x tiles) on three embeddings of the teacher: the CLS token (what SPEC
+pure 40x tiles; 15% of 40x tiles) on three embeddings of the teacher: the CLS token (what docs/metrics.md
 evaluates), the head's bottleneck, and the prototype logits; each also with every magnification's
-features standardised on their own (a named variant, never the SPEC metric).
+features standardised on their own (a named variant, never the metric of docs/metrics.md).
 
     python studies/head_probe.py results/studies/NAME/checkpoints/last.pt"""
 import sys

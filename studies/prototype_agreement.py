@@ -5,7 +5,7 @@ training when the run used it), against a random 10x parent of the same slide.
 
     python studies/prototype_agreement.py results/studies/NAME/checkpoints/last.pt
 
-Prints AMI(class, argmax) at each side and the child-parent argmax agreement (README "Findings")."""
+Prints AMI(class, argmax) at each side and the child-parent argmax agreement (docs/results.md, "Findings")."""
 import sys
 
 import numpy as np
