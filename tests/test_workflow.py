@@ -37,12 +37,12 @@ def test_exp_target_builds_only_its_chain(workdir):
     assert "pretrain" in jobs and "evaluate" in jobs
     wildcards = re.findall(r"experiment=(\w+)", dry)
     assert set(wildcards) == {"shuffled", "base"}  # stage 2 starts from stage 1
-    assert re.search(r"--experiment shuffled [^\n]*--init results/base/seed0/encoder\.pt", dry)
     # with 2 GPUs MAD-style training is launched by torchrun; the supervised control is one process
     proc = run_snakemake(workdir, "exp_shuffled", "exp_supervised", "-n", "-p", "--cores", "2",
                          "--set-resources", "pretrain:gpu=2")
     launch = re.findall(r"(torchrun|python) [^\n]*-m madflow\.train [^\n]*--experiment (\w+)",
                         proc.stdout + proc.stderr)
+    assert re.search(r"--experiment shuffled [^\n]*--init results/base/seed0/encoder\.pt", proc.stdout + proc.stderr)
     assert {e: cmd for cmd, e in launch} == {"shuffled": "torchrun", "base": "torchrun", "supervised": "python"}
 
 
