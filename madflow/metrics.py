@@ -25,7 +25,7 @@ labelled metric is reported with ``value = NaN`` and a ``note`` giving the reaso
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -488,6 +488,20 @@ def _probe_metrics(d: _Data, Cs, cv_folds: int) -> tuple[list, dict, dict]:
     return ba_rows + f1_rows + _retention_rows(mags, C, ba_point, ba_boot, notes), probes, notes
 
 
+def _offset_free_probe_metrics(d: _Data, Cs, cv_folds: int) -> list:
+    """Diagnostic: the same probes on embeddings centred per magnification (each
+    magnification's mean over all its tiles, test slides' included, subtracted). A transfer
+    that appears only here is class structure shared across scales behind a constant
+    per-magnification offset, which a probe trained at one magnification cannot cross."""
+    X = d.X.astype(np.float64, copy=True)
+    for li in range(len(d.mags)):
+        X[d.level == li] -= X[d.level == li].mean(0)
+    rows, _, _ = _probe_metrics(replace(d, X=X), Cs, cv_folds)
+    cross = {pair_str(a, b) for a in d.mags for b in d.mags if a != b}
+    return [{**row, "metric": f"{row['metric']}_magcentred"} for row in rows
+            if row["metric"] in ("probe_ba", "retention_cc") and row["scope"] in cross]
+
+
 def _retention_rows(mags, C: int, ba_point: dict, ba_boot: dict, notes: dict) -> list:
     r_rows, rcc_rows = [], []
     for a in mags:
@@ -684,7 +698,7 @@ def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed,
     seg_rows, artifacts["predictions"] = _segmentation_metrics(d, probes, notes, k)
     if pca and len(d.X) >= 2 and d.X.shape[1] >= 2:
         artifacts["pca"] = _pca_frame(d)
-    rows = probe_rows + cluster_rows + hier_rows + seg_rows
+    rows = probe_rows + _offset_free_probe_metrics(d, Cs, cv_folds) + cluster_rows + hier_rows + seg_rows
     return _explain_missing(pd.DataFrame(rows, columns=METRIC_COLUMNS)), artifacts
 
 

@@ -38,6 +38,7 @@ SUMMARY_METRICS = [
     ("Rcc(10->40)", "retention_cc", "10->40"),
     ("R(2.5->40)", "retention", "2.5->40"),
     ("Rcc(2.5->40)", "retention_cc", "2.5->40"),
+    ("BA(10->40) mag-centred", "probe_ba_magcentred", "10->40"),
     ("AMI(global)", "ami", "global"),
     ("AMI(2.5)", "ami", "2.5"),
     ("AMI(10)", "ami", "10"),

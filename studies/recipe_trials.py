@@ -6,8 +6,10 @@ tile, a random 25% of the 40x ones), faster than a whole workflow run.
     python studies/recipe_trials.py NAME ['{"mode": "same_mag"}'] [train.k=v] [kw.k=v] [head.k=v]
 
 The JSON argument is the experiment entry (mode and overrides, as in config.yaml); kw.* are
-timm model kwargs, head.* DINO-head settings, train.* training settings. One JSON line per
-trial is appended to studies/recipe_trials.jsonl.
+timm model kwargs, head.* DINO-head settings, train.* training settings. An entry with
+`init: <experiment>` starts from results/<experiment>/seed0/encoder.pt (a finished workflow
+run's stage 1); one with `encoder: <path>` trains nothing and evaluates that encoder. One JSON
+line per trial is appended to studies/recipe_trials.jsonl.
 """
 
 from __future__ import annotations
@@ -75,16 +77,19 @@ def main(argv: list[str]) -> int:
     out = RESULTS / "studies" / name
     t0 = time.time()
     mode = get_mode(experiment.get("mode"))
-    if mode.pretrain_job:
-        train(cfg, experiment, tables, str(out), 0, device="cpu", experiment_name=name)
+    encoder = experiment.get("encoder") or str(out / "encoder.pt")
+    if mode.pretrain_job and not experiment.get("encoder"):
+        init = experiment.get("init")
+        train(cfg, experiment, tables, str(out), 0, device="cpu", experiment_name=name,
+              init_path=str(RESULTS / init / "seed0" / "encoder.pt") if init else None)
     seconds = time.time() - t0
-    encode, _ = build_encoder(experiment, str(out / "encoder.pt"), int(cfg["tiling"]["tile_px"]))
+    encode, _ = build_encoder(experiment, encoder, int(cfg["tiling"]["tile_px"]))
     tiles, features = embed_subsample(encode, manifest, np.random.default_rng(0))
     metrics, _ = evaluate(tiles, features, magnifications=[2.5, 10, 40], n_bootstrap=50, cv_folds=3)
     result = {"name": name, "ttrain": round(seconds)}
     for column, (metric, scope) in HEADLINE.items():
         result[column] = float(metrics.loc[(metrics.metric == metric) & (metrics.scope == scope), "value"].iloc[0])
-    train_log = out / "train_log.tsv"
+    train_log = Path(encoder).parent / "train_log.tsv"
     if mode.objective == "dino" and train_log.is_file():
         last = pd.read_csv(train_log, sep="\t").tail(10)
         result["ent"] = round(float(last["teacher_entropy"].mean()), 2)

@@ -94,6 +94,8 @@ def test_scopes_and_names(clean):
         "sim_random": ["2.5->10", "10->40", "2.5->40"],
         "seg_consistency": ["2.5->10", "2.5->40", "10->40"],
         "seg_miou": ["2.5", "10", "40"],
+        "probe_ba_magcentred": [p for p in pairs if p.split("->")[0] != p.split("->")[1]],
+        "retention_cc_magcentred": [p for p in pairs if p.split("->")[0] != p.split("->")[1]],
     }
     for metric, scopes in expect.items():
         got = df.loc[df.metric == metric, "scope"].tolist()
@@ -122,6 +124,21 @@ def test_identical_embeddings_invariant(clean):
         assert val(df, "seg_miou", m) > 0.99
     assert art["labelled"] is True
     assert set(art) >= {"predictions", "pca", "delta_hier", "kmeans", "split", "classes"}
+
+
+def test_magcentred_probe_removes_exactly_a_per_magnification_offset():
+    """Class structure shared across scales behind a constant 40x shift: the probe fitted at
+    10x fails at 40x, the mag-centred diagnostic recovers the transfer; without the shift
+    the two agree."""
+    t, X = make_tiles(mode="class", noise=0.3)
+    shift = np.random.default_rng(7).normal(size=X.shape[1]) * 3.0
+    shifted = X + np.where(t["mag"].to_numpy()[:, None] == 40.0, shift, 0.0)
+    df, _ = M.evaluate(t, shifted, magnifications=MAGS, n_bootstrap=50)
+    assert val(df, "probe_ba", "10->40") < 0.7
+    assert val(df, "probe_ba_magcentred", "10->40") > 0.95
+    assert val(df, "retention_cc_magcentred", "10->40") > 0.9
+    df, _ = M.evaluate(t, X, magnifications=MAGS, n_bootstrap=50)
+    assert abs(val(df, "probe_ba_magcentred", "10->40") - val(df, "probe_ba", "10->40")) < 0.05
 
 
 def test_magnification_only_embeddings_leak():
@@ -231,7 +248,7 @@ def test_label_free_path():
     t, X = make_tiles(labels=False, noise=0.5)
     df, art = M.evaluate(t, X, magnifications=MAGS, n_bootstrap=50, n_clusters=4)
     labelled = df.metric.isin(["probe_ba", "probe_f1", "retention", "retention_cc", "ami",
-                               "seg_miou"])
+                               "seg_miou", "probe_ba_magcentred", "retention_cc_magcentred"])
     assert df.loc[labelled, "value"].isna().all()
     assert (df.loc[labelled, "note"] == M.NO_LABELS).all()
     free = df[~labelled]
