@@ -171,6 +171,8 @@ def main():
             print(f"\nReader throughput, {args.size} px synthetic 40x Aperio slide, T={args.tile_px}, "
                   f"median of {args.repeats}, one process:")
             print(table.to_string(index=False))
+            # rates are CPU-time, but a busy machine still slows them (shared caches, memory)
+            print("load average (1, 5, 15 min) after the runs: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
         if args.big:
             big = Path(tmp) / "big.svs"
             t = time.time()

@@ -28,6 +28,10 @@ NATIVE_TOLERANCE = 0.01  # a level is native for a magnification within 1% of th
 NOMINAL_MAGS = (5.0, 10.0, 20.0, 40.0, 60.0, 80.0)
 SNAP_TOLERANCE = 0.15
 BACKGROUND = 255  # padding outside the slide: white, like glass
+# decode buffers left by closed readers, by shape (at most one cache's worth each): the next
+# reader decodes into pages already mapped; first-touch page faults on fresh buffers were
+# ~15% of the read time in bench/bench_reader.py's 40x case
+_SPARE_BUFFERS: dict[tuple, list[np.ndarray]] = {}
 
 
 class SlideError(Exception):
@@ -220,6 +224,11 @@ class SlideReader:
         return pages
 
     def close(self):
+        for tile in filter(_reusable, self._cache.values()):
+            spare = _SPARE_BUFFERS.setdefault(tile.shape, [])
+            if len(spare) < self._cache_tiles:
+                spare.append(tile)
+        self._cache.clear()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -253,11 +262,24 @@ class SlideReader:
             raise SlideError(f"{self.path}: truncated file (tile {index} of level {level})")
         if page.compression == 7 and page.photometric in (2, 6):
             # plain JPEG (RGB or YCbCr): libjpeg-turbo directly, ~1.3x faster than page.decode
-            tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables)
+            shape = (page.tilelength, page.tilewidth, 3)
+            tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables, out=self._tile_buffer(shape))
         else:
             segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
             tile = np.asarray(segment)
         return self._remember(key, tile.reshape(page.tilelength, page.tilewidth, -1)[..., :3])
+
+    def _tile_buffer(self, shape) -> np.ndarray:
+        """Where to decode a tile: the least recently used tile's buffer once the cache is
+        full, else a closed reader's, else new memory (see _SPARE_BUFFERS)."""
+        if len(self._cache) >= self._cache_tiles:
+            _, old = self._cache.popitem(last=False)
+            if old.shape == shape and _reusable(old):
+                return old
+        try:
+            return _SPARE_BUFFERS[shape].pop()
+        except (KeyError, IndexError):  # none spare (or taken by another thread meanwhile)
+            return np.empty(shape, np.uint8)
 
     def _remember(self, key, tile: np.ndarray) -> np.ndarray:
         self._cache[key] = tile
@@ -338,6 +360,12 @@ class SlideReader:
             region = self.read_level_region(level, 0, y, lw, h)
             rows.append(_box_reduce(region, factor))
         return np.concatenate(rows, axis=0), self.level_downsamples[level] * factor
+
+
+def _reusable(tile: np.ndarray) -> bool:
+    """A cached tile whose memory can take a decode: a whole buffer, not a channel view of a
+    page.decode segment."""
+    return tile.flags.c_contiguous and tile.flags.writeable
 
 
 def _box_reduce(img: np.ndarray, factor: int) -> np.ndarray:

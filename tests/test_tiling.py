@@ -162,6 +162,25 @@ def test_reader_nonnative_resize_matches_native(tmp_path):
     assert np.abs(native - resized).mean() < 6
 
 
+def test_reader_decodes_into_recycled_buffers_exactly(tmp_path):
+    """A 2-tile cache decodes into evicted tiles' buffers, a second reader into the first's
+    spare ones: the pixels are still exactly the stored tiles' (tifffile's own decode)."""
+    import tifffile
+
+    from madflow import slides
+
+    path = tmp_path / "s.svs"
+    make_slide(path, seed=5, size=1024)
+    with tifffile.TiffFile(path) as tif:
+        level0 = tif.pages[0].asarray()
+    regions = [(30, 40, 700, 600), (0, 0, 1024, 1024), (300, 260, 64, 64)]  # x, y, w, h
+    for _ in range(2):
+        with SlideReader(path, cache_tiles=2) as reader:
+            for x, y, w, h in regions:
+                assert np.array_equal(reader.read_level_region(0, x, y, w, h), level0[y : y + h, x : x + w])
+        assert slides._SPARE_BUFFERS[(256, 256, 3)]  # the closed reader left its buffers
+
+
 # -- labels -------------------------------------------------------------------------------
 def test_geojson_labels_known_regions(tmp_path):
     path = tmp_path / "s.svs"
