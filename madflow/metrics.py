@@ -451,8 +451,9 @@ def _prepare(tiles, X, magnifications, min_purity, seed, split_frac) -> _Data:
                  y, classes, label_mode, why, key_arrays(tiles), seed, rng)
 
 
-def _probe_metrics(d: _Data, Cs, cv_folds: int) -> tuple[list, dict, dict]:
-    """Probe transfer matrix BA/F1 (all pairs) and retention R/Rcc; -> rows, probes, notes."""
+def _probe_metrics(d: _Data, Cs, cv_folds: int, chosen_C: dict | None = None) -> tuple[list, dict, dict]:
+    """Probe transfer matrix BA/F1 (all pairs) and retention R/Rcc; -> rows, probes, notes.
+    ``chosen_C``: per magnification, a C to refit with instead of choosing one by CV."""
     mags, C = d.mags, d.n_classes
     if not d.label_mode:
         rows = []
@@ -467,7 +468,8 @@ def _probe_metrics(d: _Data, Cs, cv_folds: int) -> tuple[list, dict, dict]:
             probes[a] = None
             notes[a] = f"not applicable: fewer than 2 labelled classes in train tiles at {mag_str(a)}x"
             continue
-        probes[a] = _fit_probe(d.X[train], d.y[train], d.slide[train], Cs, cv_folds, d.seed)
+        Cs_a = [chosen_C[a]] if chosen_C and chosen_C.get(a) is not None else Cs
+        probes[a] = _fit_probe(d.X[train], d.y[train], d.slide[train], Cs_a, cv_folds, d.seed)
     ba_point, ba_boot, ba_rows, f1_rows = {}, {}, [], []
     for a in mags:
         for bi, b in enumerate(mags):
@@ -488,15 +490,17 @@ def _probe_metrics(d: _Data, Cs, cv_folds: int) -> tuple[list, dict, dict]:
     return ba_rows + f1_rows + _retention_rows(mags, C, ba_point, ba_boot, notes), probes, notes
 
 
-def _offset_free_probe_metrics(d: _Data, Cs, cv_folds: int) -> list:
-    """Diagnostic: the same probes on embeddings centred per magnification (each
-    magnification's mean over all its tiles, test slides' included, subtracted). A transfer
-    that appears only here is class structure shared across scales behind a constant
-    per-magnification offset, which a probe trained at one magnification cannot cross."""
+def _offset_free_probe_metrics(d: _Data, probes: dict, Cs, cv_folds: int) -> list:
+    """Diagnostic: the same probes (each magnification's C as chosen for ``probes``) on
+    embeddings centred per magnification (each magnification's mean over all its tiles, test
+    slides' included, subtracted). A transfer that appears only here is class structure shared
+    across scales behind a constant per-magnification offset, which a probe fitted at one
+    magnification cannot cross."""
     X = d.X.astype(np.float64, copy=True)
     for li in range(len(d.mags)):
         X[d.level == li] -= X[d.level == li].mean(0)
-    rows, _, _ = _probe_metrics(replace(d, X=X), Cs, cv_folds)
+    chosen_C = {a: p.C for a, p in probes.items() if p is not None}
+    rows, _, _ = _probe_metrics(replace(d, X=X), Cs, cv_folds, chosen_C)
     cross = {pair_str(a, b) for a in d.mags for b in d.mags if a != b}
     return [{**row, "metric": f"{row['metric']}_magcentred"} for row in rows
             if row["metric"] in ("probe_ba", "retention_cc") and row["scope"] in cross]
@@ -698,7 +702,7 @@ def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed,
     seg_rows, artifacts["predictions"] = _segmentation_metrics(d, probes, notes, k)
     if pca and len(d.X) >= 2 and d.X.shape[1] >= 2:
         artifacts["pca"] = _pca_frame(d)
-    rows = probe_rows + _offset_free_probe_metrics(d, Cs, cv_folds) + cluster_rows + hier_rows + seg_rows
+    rows = probe_rows + _offset_free_probe_metrics(d, probes, Cs, cv_folds) + cluster_rows + hier_rows + seg_rows
     return _explain_missing(pd.DataFrame(rows, columns=METRIC_COLUMNS)), artifacts
 
 

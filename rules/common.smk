@@ -233,6 +233,11 @@ def train_logs(wildcards):
     }
 
 
+def rule_threads(name):
+    """A rule's threads (Snakemake sets OMP_NUM_THREADS to them): config threads.<name>."""
+    return int(config["threads"].get(name, 1))
+
+
 def rule_resources(name):
     """A rule's requests: config resources.<name> over resources.default."""
     return {**RESOURCES["default"], **RESOURCES.get(name, {})}

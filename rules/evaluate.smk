@@ -15,7 +15,7 @@ rule evaluate:
         f"{RESULTS}/benchmarks/evaluate/{{experiment}}_seed{{seed}}.tsv"
     conda:
         "../envs/core.yaml"
-    threads: 2
+    threads: rule_threads("evaluate")
     resources:
         **rule_resources("evaluate"),
     params:

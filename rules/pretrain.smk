@@ -51,7 +51,7 @@ rule pretrain:
         f"{RESULTS}/benchmarks/pretrain/{{experiment}}_seed{{seed}}.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    threads: rule_threads("pretrain")
     resources:
         **rule_resources("pretrain"),
     params:
@@ -82,7 +82,7 @@ rule embed:
         f"{RESULTS}/benchmarks/embed/{{experiment}}_seed{{seed}}_part{{part}}.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: 1
+    threads: rule_threads("embed")
     resources:
         **rule_resources("embed"),
     params:

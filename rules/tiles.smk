@@ -7,7 +7,7 @@ rule demo_slides:
         f"{RESULTS}/benchmarks/demo_slides/demo.tsv"
     conda:
         "../envs/core.yaml"
-    threads: 2
+    threads: rule_threads("demo_slides")
     resources:
         **rule_resources("demo_slides"),
     params:

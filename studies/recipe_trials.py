@@ -34,7 +34,8 @@ from madflow.train import train
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("results")
 HEADLINE = {"BA10_10": ("probe_ba", "10->10"), "BA10_40": ("probe_ba", "10->40"),
-            "BA40_40": ("probe_ba", "40->40"), "BA25_25": ("probe_ba", "2.5->2.5"),
+            "BA40_40": ("probe_ba", "40->40"),
+            "BA10_40c": ("probe_ba_magcentred", "10->40"), "BA25_25": ("probe_ba", "2.5->2.5"),
             "BA25_10": ("probe_ba", "2.5->10"), "BA40_10": ("probe_ba", "40->10"),
             "Rcc10_40": ("retention_cc", "10->40"), "AMI": ("ami", "global"),
             "leak": ("mag_leakage", "global"), "dh10_40": ("delta_hier", "10->40"),
