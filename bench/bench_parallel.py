@@ -4,7 +4,7 @@ Runs real training processes (``python -m madflow.train``, as the pretrain rule 
 bench's demo tiles (those of bench/bench_train.py, built there when missing) in layouts that
 use the same cores, e.g. on 2 cores:
 
-  1 job x 2 threads    one training at a time with both cores (the demo before issue 11)
+  1 job x 2 threads    one training at a time with both cores (the demo's layout)
   2 jobs x 1 thread    two trainings at once, one core each (Snakemake --cores 2, threads: 1)
 
 each with the loader in a worker process (num_workers 1) and in the training process

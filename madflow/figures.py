@@ -1,4 +1,4 @@
-"""Paper-style figures (the report (README)), drawn from tidy metric tables and evaluate() artifacts.
+"""Paper-style figures (those of the report), drawn from tidy metric tables and evaluate() artifacts.
 
 Every drawing function takes ``out`` (a path with or without ``.png``/``.pdf``) and writes
 both ``<out>.png`` and ``<out>.pdf`` atomically (temporary file, then ``os.replace``); it

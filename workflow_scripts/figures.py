@@ -1,4 +1,4 @@
-"""Every figure of the report (README), from the tidy tables and evaluation artifacts."""
+"""Every figure of the report, from the tidy tables and evaluation artifacts."""
 
 from pathlib import Path
 
