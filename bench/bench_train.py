@@ -10,6 +10,13 @@ in one process, with repeats interleaved so that background load hits every row 
   train step           the objective's step as training runs it (madflow.train.steps: student
                        fwd+bwd+clip+AdamW, teacher fwd, EMA update) on one augmented batch
   embed forward        the backbone's forward alone on the same images (what embedding does)
+  GEMM (peak)          a 1024^3 fp32 matrix product: what this CPU's cores can do
+  GEMM (model shape)   the qkv product of the student forward at the step's shape
+                       ([images x tokens, dim] @ [dim, 3 dim]): what matrices this small can do
+
+The train step's FLOPs are counted once (torch.utils.flop_counter, forward + backward of
+every matrix product) and set against both GEMM rates: how close the step is to what the
+CPU can do, and so how many steps per minute any demo can buy on this machine.
 
 Images per step = teacher + student views (B + B*V). The loader rows run with 1 torch
 thread, as in a DataLoader worker (torch sets 1 thread there); the train row uses this
@@ -46,6 +53,7 @@ from madflow.manifest import check_manifest  # noqa: E402
 from madflow.synth import make_demo  # noqa: E402
 from madflow.tiling import tile_slide  # noqa: E402
 from madflow.config import resolve_train_config  # noqa: E402
+from madflow.model import backbone_dim  # noqa: E402
 from madflow.train.loop import augmenter  # noqa: E402
 from madflow.train.steps import OBJECTIVES  # noqa: E402
 
@@ -75,6 +83,9 @@ def build_tables(workdir: Path, mags, tile_px: int, min_tissue: float) -> list[s
         out.append(str(p))
     done.write_text("\n".join(out) + "\n")
     return out
+
+
+PIPELINE_ROWS = ("loader (augmented)", "loader (no augment)", "augment only", "train step", "embed forward")
 
 
 class Threads:
@@ -154,7 +165,16 @@ def main(argv=None) -> int:
     raw_all = torch.cat([raw_t, raw_s.reshape(-1, 3, T, T)])
     load_threads = 1 if nw > 0 else args.threads
 
+    # matrix-product references at the train step's threads
+    big_a, big_b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    dim = backbone_dim(backbone)
+    tokens = int(backbone.patch_embed.num_patches) + int(getattr(backbone, "num_prefix_tokens", 1))
+    shape_a, shape_b = torch.randn(int(probe["student"].shape[0]) * V * tokens, dim), torch.randn(dim, 3 * dim)
+    gemm_flop = {"GEMM (peak)": 2 * 1024 ** 3, "GEMM (model shape)": 2 * shape_a.shape[0] * dim * 3 * dim}
+
     rows = {
+        "GEMM (peak)": dict(threads=args.threads, fn=lambda s: big_a @ big_b),
+        "GEMM (model shape)": dict(threads=args.threads, fn=lambda s: shape_a @ shape_b),
         "loader (augmented)": dict(threads=load_threads, fn=lambda s: ds_aug.batch_for_step(s)),
         "loader (no augment)": dict(threads=load_threads, fn=lambda s: ds_raw.batch_for_step(s)),
         "augment only": dict(threads=load_threads,
@@ -178,6 +198,12 @@ def main(argv=None) -> int:
         step += args.steps  # fresh rows every repeat (no reader-cache replay)
         print(f"# repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
 
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with Threads(args.threads), FlopCounterMode(display=False) as counter:
+        train_step(step)
+    step_flop = counter.get_total_flops()
+
     kwargs = mcfg.get("kwargs") or {}
     tab = pd.DataFrame([{
         "measurement": name,
@@ -185,7 +211,9 @@ def main(argv=None) -> int:
         "images/step": n_img,
         "s/step (median)": statistics.median(times[name]),
         "s/step (min)": min(times[name]),
-        "images/s": n_img / statistics.median(times[name]),
+        "images/s": n_img / statistics.median(times[name]) if name in PIPELINE_ROWS else float("nan"),
+        "GFLOP/s": gemm_flop.get(name, step_flop if name == "train step" else float("nan"))
+        / statistics.median(times[name]) / 1e9,
     } for name, r in rows.items()])
     train_rate = float(tab.loc[tab.measurement == "train step", "images/s"].iloc[0])
     load_rate = float(tab.loc[tab.measurement == "loader (augmented)", "images/s"].iloc[0])
@@ -200,6 +228,11 @@ def main(argv=None) -> int:
     embed_rate = float(tab.loc[tab.measurement == "embed forward", "images/s"].iloc[0])
     print(f"embedding forward / training images/s at {args.threads} thread(s) = {embed_rate / train_rate:.2f} "
           f"(goal >= 3)")
+    step_rate = float(tab.loc[tab.measurement == "train step", "GFLOP/s"].iloc[0])
+    for name in gemm_flop:
+        rate = float(tab.loc[tab.measurement == name, "GFLOP/s"].iloc[0])
+        print(f"train step {step_flop / 1e9:.1f} GFLOP at {step_rate:.1f} GFLOP/s = {step_rate / rate:.2f} of {name} "
+              f"({rate:.1f} GFLOP/s)")
     if nw == 0:
         print("note: num_workers = 0 loads in the training process, serially with the step; "
               "the ratio is then only indicative")

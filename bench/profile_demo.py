@@ -7,7 +7,7 @@ Reads what the run left behind: Snakemake's ``benchmark:`` file of every job
 (``results/benchmarks/<rule>/*.tsv``: wall and CPU seconds), the training logs
 (``results/<experiment>/seed<s>/train_log.tsv``: seconds per step), the ``startup`` line each
 job logs (``results/logs/``) and Snakemake's own log of the run (``.snakemake/log/``, for
-the wall time from first to last job). CPU time in training steps = each pretrain job's CPU
+the wall time from first to last job of each invocation, summed). CPU time in training steps = each pretrain job's CPU
 time x (its step seconds / its wall seconds).
 """
 
@@ -55,14 +55,18 @@ def startup_seconds(results: Path) -> tuple[float, int]:
     return total, n
 
 
-def run_wall_seconds(workdir: Path) -> float | None:
-    """First to last timestamp of Snakemake's newest log of a run."""
-    logs = sorted((workdir / ".snakemake" / "log").glob("*.snakemake.log"))
-    if not logs:
-        return None
-    stamps = [datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
-              for line in logs[-1].read_text(errors="replace").splitlines() if (m := STAMP.match(line))]
-    return (stamps[-1] - stamps[0]).total_seconds() if len(stamps) > 1 else None
+def run_wall_seconds(workdir: Path) -> tuple[float | None, int]:
+    """-> (wall seconds, invocations): first to last timestamp of each of Snakemake's logs of
+    runs in ``workdir``, summed (a run resumed over several invocations counts each one's
+    span, not the pauses between them)."""
+    total, n = 0.0, 0
+    for path in sorted((workdir / ".snakemake" / "log").glob("*.snakemake.log")):
+        stamps = [datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
+                  for line in path.read_text(errors="replace").splitlines() if (m := STAMP.match(line))]
+        if len(stamps) > 1:
+            total += (stamps[-1] - stamps[0]).total_seconds()
+            n += 1
+    return (total if n else None), n
 
 
 def profile(results: Path) -> tuple[pd.DataFrame, dict]:
@@ -80,7 +84,7 @@ def profile(results: Path) -> tuple[pd.DataFrame, dict]:
     summary = {"jobs": len(jobs), "cpu_s": total_cpu,
                "train_step_cpu_share": float(jobs["train_step_cpu_s"].sum()) / total_cpu,
                "startup_cpu_s": startup, "startup_jobs": n_startup, "startup_cpu_share": startup / total_cpu,
-               "run_wall_s": run_wall_seconds(results.parent)}
+               **dict(zip(("run_wall_s", "run_invocations"), run_wall_seconds(results.parent)))}
     return table.sort_values("cpu_s", ascending=False).reset_index(), summary
 
 
@@ -93,7 +97,8 @@ def main(argv: list[str]) -> int:
     print(f"per-job overhead (interpreter start and imports, {s['startup_jobs']} jobs): "
           f"{s['startup_cpu_s']:.0f} s, {100 * s['startup_cpu_share']:.1f}% of the CPU time")
     if s["run_wall_s"] is not None:
-        print(f"run wall time (Snakemake's log, first to last job): {s['run_wall_s'] / 60:.1f} min")
+        print(f"run wall time (Snakemake's logs, first to last job of each of {s['run_invocations']} "
+              f"invocation(s), summed): {s['run_wall_s'] / 60:.1f} min")
     return 0
 
 

@@ -8,8 +8,10 @@ tile, a random 25% of the 40x ones), faster than a whole workflow run.
 The JSON argument is the experiment entry (mode and overrides, as in config.yaml); kw.* are
 timm model kwargs, head.* DINO-head settings, train.* training settings. An entry with
 `init: <experiment>` starts from results/<experiment>/seed0/encoder.pt (a finished workflow
-run's stage 1); one with `encoder: <path>` trains nothing and evaluates that encoder. One JSON
-line per trial is appended to studies/recipe_trials.jsonl.
+run's stage 1); one with `encoder: <path>` trains nothing and evaluates that encoder; one with
+`curve: [k1, k2, ...]` also evaluates the teacher after k1, k2, ... steps of the same run (the
+schedules of the full run; training resumes bitwise from the checkpoint between points). One
+JSON line per evaluation is appended to studies/recipe_trials.jsonl.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from madflow.config import resolve_train_config
 from madflow.embed import build_encoder, l2_normalise
 from madflow.manifest import read_checked_manifest
 from madflow.metrics import evaluate
@@ -78,28 +81,56 @@ def main(argv: list[str]) -> int:
     out = RESULTS / "studies" / name
     t0 = time.time()
     mode = get_mode(experiment.get("mode"))
+    curve = [int(k) for k in experiment.pop("curve", [])]
     encoder = experiment.get("encoder") or str(out / "encoder.pt")
-    if mode.pretrain_job and not experiment.get("encoder"):
-        init = experiment.get("init")
-        train(cfg, experiment, tables, str(out), 0, device="cpu", experiment_name=name,
-              init_path=str(RESULTS / init / "seed0" / "encoder.pt") if init else None)
-    seconds = time.time() - t0
-    encode, _ = build_encoder(experiment, encoder, int(cfg["tiling"]["tile_px"]))
+    init = experiment.get("init")
+    init_path = str(RESULTS / init / "seed0" / "encoder.pt") if init else None
+    trains = mode.pretrain_job and not experiment.get("encoder")
+    tile_px = int(cfg["tiling"]["tile_px"])
+    for stop in curve + [None]:
+        if trains:
+            summary = train(cfg, experiment, tables, str(out), 0, device="cpu", experiment_name=name,
+                            init_path=init_path, stop_after=stop)
+        seconds = time.time() - t0
+        if stop is None:
+            encode, _ = build_encoder(experiment, encoder, tile_px)
+            record(name, seconds, encode, manifest, Path(encoder).parent / "train_log.tsv", mode)
+        else:
+            tile_norm = bool(resolve_train_config(cfg, experiment)[1]["tile_norm"])
+            record(f"{name}@{stop}", seconds, teacher_encoder(summary["model"], tile_norm), manifest,
+                   out / "train_log.tsv", mode)
+    return 0
+
+
+def teacher_encoder(model, tile_norm: bool):
+    """uint8 tiles -> features of the teacher backbone in memory (a curve point)."""
+    import torch
+
+    from madflow.data.augment import pixels_to_input
+
+    backbone = model.teacher.backbone.eval()
+
+    @torch.inference_mode()
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        return backbone(pixels_to_input(pixels, tile_norm, "cpu")).float().numpy()
+
+    return forward
+
+
+def record(name: str, seconds: float, encode, manifest: pd.DataFrame, train_log: Path, mode) -> None:
+    """Evaluate an encoder on the subsample; print and append its JSON line."""
     tiles, features = embed_subsample(encode, manifest, np.random.default_rng(0))
     metrics, _ = evaluate(tiles, features, magnifications=[2.5, 10, 40], n_bootstrap=50, cv_folds=3)
     result = {"name": name, "ttrain": round(seconds)}
     for column, (metric, scope) in HEADLINE.items():
         result[column] = float(metrics.loc[(metrics.metric == metric) & (metrics.scope == scope), "value"].iloc[0])
-    train_log = Path(encoder).parent / "train_log.tsv"
     if mode.objective == "dino" and train_log.is_file():
         last = pd.read_csv(train_log, sep="\t").tail(10)
         result["ent"] = round(float(last["teacher_entropy"].mean()), 2)
         result["protos"] = float(last["prototypes_used"].mean())
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
     with open(REPO / "studies" / "recipe_trials.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -74,6 +76,14 @@ def test_whole_chain_end_to_end(workdir):
     provenance record exists and is well-formed."""
     run_snakemake(workdir, "--cores", "2")
     res = workdir / "results"
+    # the demo profile reads what the run left: every stage's CPU share and the run's wall time
+    profile = subprocess.run([sys.executable, str(REPO / "bench" / "profile_demo.py"), str(res)],
+                             capture_output=True, text=True, check=True).stdout
+    shares = dict(re.findall(r"^\s*([a-z][a-z ]*?)\s+\d+\s+[0-9.]+\s+[0-9.]+\s+([0-9.]+)$", profile, flags=re.M))
+    assert {"training", "embedding", "evaluation", "tiling"} <= set(shares), profile
+    assert abs(sum(float(v) for v in shares.values()) - 1) < 0.01, profile
+    assert 0 < float(re.search(r"training steps: ([0-9.]+)% of the CPU time", profile).group(1)) < 100
+    assert re.search(r"run wall time .* 1 invocation\(s\), summed\): [0-9.]+ min", profile), profile
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     experiments = list(config["experiments"])
     summary = pd.read_csv(res / "summary.tsv", sep="\t")
