@@ -34,7 +34,6 @@ def build_encoder(settings: dict, encoder_path: str | None, tile_px: int):
         return color_stats, "color_stats (mean, std per RGB channel)"
     if mode.embed == "external":
         backbone = build_backbone(settings["arch"], settings.get("kwargs") or {}, settings.get("checkpoint"), tile_px)
-        backbone.eval()
         name = f"external:{settings['arch']}" + (f" ({settings['checkpoint']})" if settings.get("checkpoint") else "")
         tile_norm = bool(settings.get("tile_norm", False))
     else:
@@ -42,8 +41,14 @@ def build_encoder(settings: dict, encoder_path: str | None, tile_px: int):
         which = "backbone trained with labels" if mode.objective == "supervised" else "teacher backbone"
         name = f"{meta.get('arch')} {which} ({mode.name}, seed {meta.get('seed')})"
         tile_norm = bool(meta.get("tile_norm", False))
+    return backbone_encoder(backbone, tile_norm), name
+
+
+def backbone_encoder(backbone: torch.nn.Module, tile_norm: bool):
+    """callable uint8 (N,T,T,3) -> float (N,D): the backbone's CLS features (on the GPU when
+    there is one), the tiles normalised as in training."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone.to(device)
+    backbone.to(device).eval()
 
     @torch.inference_mode()
     def forward(pixels: np.ndarray) -> np.ndarray:
@@ -52,7 +57,7 @@ def build_encoder(settings: dict, encoder_path: str | None, tile_px: int):
             feats = backbone(x)
         return feats.float().cpu().numpy()
 
-    return forward, name
+    return forward
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from madflow.config import resolve_train_config
-from madflow.embed import build_encoder, l2_normalise
+from madflow.embed import backbone_encoder, build_encoder, l2_normalise
 from madflow.manifest import read_checked_manifest
 from madflow.metrics import evaluate
 from madflow.modes import get_mode
@@ -97,24 +97,9 @@ def main(argv: list[str]) -> int:
             record(name, seconds, encode, manifest, Path(encoder).parent / "train_log.tsv", mode)
         else:
             tile_norm = bool(resolve_train_config(cfg, experiment)[1]["tile_norm"])
-            record(f"{name}@{stop}", seconds, teacher_encoder(summary["model"], tile_norm), manifest,
-                   out / "train_log.tsv", mode)
+            encode = backbone_encoder(summary["model"].teacher.backbone, tile_norm)
+            record(f"{name}@{stop}", seconds, encode, manifest, out / "train_log.tsv", mode)
     return 0
-
-
-def teacher_encoder(model, tile_norm: bool):
-    """uint8 tiles -> features of the teacher backbone in memory (a curve point)."""
-    import torch
-
-    from madflow.data.augment import pixels_to_input
-
-    backbone = model.teacher.backbone.eval()
-
-    @torch.inference_mode()
-    def forward(pixels: np.ndarray) -> np.ndarray:
-        return backbone(pixels_to_input(pixels, tile_norm, "cpu")).float().numpy()
-
-    return forward
 
 
 def record(name: str, seconds: float, encode, manifest: pd.DataFrame, train_log: Path, mode) -> None:
@@ -131,6 +116,7 @@ def record(name: str, seconds: float, encode, manifest: pd.DataFrame, train_log:
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
     with open(REPO / "studies" / "recipe_trials.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
