@@ -6,9 +6,9 @@ training steps, and the per-job overhead (interpreter start and imports).
 Reads what the run left behind: Snakemake's ``benchmark:`` file of every job
 (``results/benchmarks/<rule>/*.tsv``: wall and CPU seconds), the training logs
 (``results/<experiment>/seed<s>/train_log.tsv``: seconds per step), the ``startup`` line each
-job logs (``results/logs/``) and Snakemake's own log of the run (``.snakemake/log/``, for
-the wall time from first to last job of each invocation, summed). CPU time in training steps = each pretrain job's CPU
-time x (its step seconds / its wall seconds).
+job logs (``results/logs/``) and Snakemake's own logs of the run (``.snakemake/log/``, for
+the wall time from first to last job of each invocation, summed). CPU time in training steps
+= each pretrain job's CPU time x (its step seconds / its wall seconds).
 """
 
 from __future__ import annotations
