@@ -25,6 +25,10 @@ TRAIN_DEFAULTS = {
     "student_temp": 0.1,
     "center_momentum": 0.9,
     "koleo_weight": 0.0,
+    # a batch-normalised head: "batch" normalises with each batch's statistics (DINO); "running"
+    # uses the statistics of the start (stage 1), frozen, so that student and teacher, whose
+    # batches hold different magnifications, are normalised alike
+    "head_bn": "batch",
     # the student also sees an augmented view of the parent (DINO's global-global term)
     "parent_view": True,
     # cross-scale modes: share of batches that are plain same-magnification DINO batches

@@ -618,3 +618,24 @@ def test_stage_two_starts_from_stage_one(slides, tmp_path):
         from madflow.config import resolve_train_config
 
         resolve_train_config(cfg, {"name": "base", "mode": "dino", "init": "base"})
+
+
+@pytest.mark.parametrize("head_bn", ["batch", "running"])
+def test_head_bn_running_keeps_the_starts_statistics(slides, tmp_path, head_bn):
+    cfg = tiny_cfg(steps=2, checkpoint_every=0)
+    cfg["model"]["head"]["use_bn"] = True
+    _train_tables(cfg, slides, str(tmp_path / "base"), exp="base")
+    start = torch.load(tmp_path / "base" / "encoder.pt", weights_only=True)["head_state_dict"]
+    out = _train_tables(tiny_cfg(steps=2, checkpoint_every=0, head_bn=head_bn) | {"model": cfg["model"]},
+                        slides, str(tmp_path / head_bn), exp="mad_from_base",
+                        init_path=str(tmp_path / "base" / "encoder.pt"))
+    model = out["model"]
+    moved = {(name, k): not torch.equal(v, start[k]) for name, net in (("s", model.student), ("t", model.teacher))
+             for k, v in net.head.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    assert len(moved) == 8
+    # batch statistics update the running ones; frozen ones stay those of stage 1
+    assert all(moved.values()) if head_bn == "batch" else not any(moved.values())
+    # the student still learns either way (its head's first layer moved)
+    assert not torch.equal(model.student.head.mlp[0].weight, start["mlp.0.weight"])
+    with pytest.raises(ValueError, match="head_bn"):
+        _train_tables(tiny_cfg(steps=1, head_bn="frozen"), slides, str(tmp_path / "bad"))

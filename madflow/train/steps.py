@@ -66,6 +66,9 @@ class DINOObjective:
         self.koleo_weight = float(train_cfg.get("koleo_weight") or 0.0)
         self.freeze_last_layer_steps = int(train_cfg.get("freeze_last_layer_steps") or 0)
         self.clip = float(train_cfg.get("clip_grad") or 0.0)
+        self.head_bn = str(train_cfg.get("head_bn", "batch"))
+        if self.head_bn not in ("batch", "running"):
+            raise ValueError(f"head_bn must be 'batch' or 'running', not {self.head_bn!r}")
         self.min_prototypes = min(int(train_cfg.get("collapse_min_prototypes", 3)), int(train_cfg["batch_parents"]))
         self.last_layer = [p for n, p in self.model.student.named_parameters() if "last_layer" in n]
         self.device, self.world = device, world
@@ -82,10 +85,17 @@ class DINOObjective:
 
     def train_mode(self) -> None:
         """Student in train mode; the teacher in eval mode as in DINOv2, unless its head has
-        batch norm, whose statistics then come from the teacher's own batch (DINO)."""
+        batch norm with batch statistics (``head_bn: batch``, DINO), which then come from the
+        teacher's own batch. With ``head_bn: running`` every BN layer, student's and teacher's,
+        normalises with the frozen statistics of the start: each batch holds one magnification
+        of parents (teacher) and mostly children (student), and batch statistics would absorb
+        a constant offset between the two magnifications that the backbone then never removes."""
         self.model.student.train()
-        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.teacher.modules())
-        self.model.teacher.train(has_bn)
+        bn_layers = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        batch_stats = bool(bn_layers) and self.head_bn == "batch"
+        self.model.teacher.train(batch_stats)
+        for m in bn_layers:
+            m.train(batch_stats)
 
     def load_init(self, path: str) -> None:
         """Start from another experiment's encoder (stage 2 from stage 1): its backbone, and
