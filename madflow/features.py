@@ -6,6 +6,7 @@ root-level `features` [N, D] and `coords` [N, 2] (the tiler's coords attributes)
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,6 +14,16 @@ import pandas as pd
 
 from madflow.io import write_atomic
 from madflow.slides import mag_str
+
+
+def find_embedding_files(folders, tables) -> list[Path]:
+    """The embedding file of each tile table's slide (same stem), in the tables' order, found
+    anywhere under ``folders`` (the embed jobs' output folders)."""
+    files = {f.stem: f for folder in folders for f in Path(folder).rglob("*.h5")}
+    missing = [Path(t).stem for t in tables if Path(t).stem not in files]
+    if missing:
+        raise FileNotFoundError(f"no embedding file for slide(s) {missing} under {[str(f) for f in folders]}")
+    return [files[Path(t).stem] for t in tables]
 
 
 def load_embeddings(paths, tables) -> tuple[pd.DataFrame, np.ndarray]:

@@ -284,3 +284,15 @@ def test_no_labelled_test_slide_says_why():
     metrics, artifacts = M.evaluate(tiles, X, magnifications=MAGS, n_bootstrap=20)
     ba = flag_small_samples(metrics, artifacts).set_index(["metric", "scope"]).loc[("probe_ba", "10->40")]
     assert np.isnan(ba["value"]) and ba["note"] == "not applicable: no labelled test tiles"
+
+
+def test_missing_embedding_file_names_the_slide(tmp_path):
+    from madflow.features import find_embedding_files
+
+    job = tmp_path / "embeddings" / "part0"
+    job.mkdir(parents=True)
+    (job / "slide_a.h5").touch()
+    tables = [str(tmp_path / "tiles" / f"{s}.parquet") for s in ("slide_a", "slide_b")]
+    with pytest.raises(FileNotFoundError, match="slide_b"):
+        find_embedding_files([tmp_path / "embeddings"], tables)
+    assert find_embedding_files([tmp_path / "embeddings"], tables[:1]) == [job / "slide_a.h5"]

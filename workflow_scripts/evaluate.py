@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from madflow.features import load_embeddings
+from madflow.features import find_embedding_files, load_embeddings
 from madflow.io import write_atomic
 from madflow.manifest import read_checked_manifest
 from madflow.metrics import evaluate, tidy
@@ -17,9 +17,7 @@ from madflow.sample_size import flag_small_samples
 log = setup(snakemake.log[0])
 p = snakemake.params
 manifest = read_checked_manifest(snakemake.input.manifest)
-# one file per slide in the embed jobs' folders, in the order of the tile tables
-files = {f.stem: f for folder in snakemake.input.embeddings for f in Path(folder).glob("*.h5")}
-embedding_files = [files[Path(t).stem] for t in snakemake.input.tables]
+embedding_files = find_embedding_files(snakemake.input.embeddings, snakemake.input.tables)
 tiles, X = load_embeddings(embedding_files, snakemake.input.tables)
 tiles["split"] = tiles["slide_id"].map(manifest.set_index("slide_id")["split"])
 log.info("%d embedded tiles, %d slides, dim %d", len(tiles), tiles["slide_id"].nunique(), X.shape[1])
