@@ -76,6 +76,7 @@ def resolve_train_config(cfg: dict, experiment: dict) -> tuple[Mode, dict, dict]
         if init == experiment.get("name") or init not in others or not get_mode(others[init].get("mode")).trains:
             raise ValueError(f"experiment {experiment.get('name', '')!r}: init {init!r} must name another "
                              f"experiment that trains a network")
+        _check_init_chain(cfg, experiment.get("name"), init)
     train_cfg = copy.deepcopy(TRAIN_DEFAULTS)
     train_cfg.update(copy.deepcopy(cfg.get("train") or {}))
     for key, value in experiment.items():
@@ -88,3 +89,18 @@ def resolve_train_config(cfg: dict, experiment: dict) -> tuple[Mode, dict, dict]
         else:
             model_cfg[key] = value
     return mode, train_cfg, model_cfg
+
+
+def _check_init_chain(cfg: dict, name, init) -> None:
+    """Follow `init` from experiment to experiment: a cycle (a starts from b, b from a) is an
+    error naming the experiments, before Snakemake reports a cyclic dependency of a rule."""
+    chain, others = [name], cfg.get("experiments") or {}
+    default = (cfg.get("train") or {}).get("init")
+    while init is not None and init in others and get_mode(others[init].get("mode")).trains:
+        if init in chain:
+            cycle = chain[chain.index(init):] + [init]
+            raise ValueError(f"experiments {' -> '.join(map(repr, cycle))}: their init settings form a cycle "
+                             "(each starts from the next's encoder); one of them must start without init")
+        chain.append(init)
+        init = others[init].get("init", default)
+

@@ -103,6 +103,12 @@ def check_labels(path, slide_size: tuple[int, int]) -> list[str]:
     not at all without a word."""
     if is_geojson(path):
         shapes = load_geojson(path)
+        if not shapes:
+            raise LabelError(
+                f"{path}: no polygon annotation (an empty FeatureCollection, or only points or lines, "
+                "which cover no area): no tile could be labelled; leave the slide's labels cell empty "
+                "if it has no annotations"
+            )
         _check_geometry_inside(path, shapes, slide_size)
         return sorted({cls for cls, _ in shapes})
     mask, classes = load_mask(path)

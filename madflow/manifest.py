@@ -5,6 +5,7 @@ Every bad slide is found in one pass, so a user sees all problems at once."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def read_table(path) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = ""
     df = df.apply(lambda s: s.str.strip())
+    # rows with every cell empty (",,," lines a spreadsheet leaves at the end) are not slides
+    df = df[(df != "").any(axis=1)]
+    if df.empty:
+        raise ManifestError(f"manifest {path}: no slides listed")
     bad_split = sorted(set(df["split"]) - {"", "train", "test"})
     if bad_split:
         raise ManifestError(f"manifest {path}: split must be train or test, got {bad_split}")
@@ -159,6 +164,74 @@ def zero_tile_notes(path, slide_size: tuple[int, int], coarse_size: int, coarse_
     return notes
 
 
+def same_files(paths) -> list[list[int]]:
+    """Groups (positions in `paths`, 2 or more) that name one slide file: the same path, a
+    link to it, or a copy. Copies are found by content, hashing only files whose sizes
+    collide (the first and last MiB: cheap on network storage, and slides that differ
+    differ there: headers, tile offsets, associated images)."""
+    keys: dict[tuple, list[int]] = {}
+    for n, p in enumerate(paths):
+        try:
+            stat = Path(p).stat()
+        except OSError:
+            continue  # a missing file is reported with its slide
+        keys.setdefault(("inode", stat.st_dev, stat.st_ino), []).append(n)
+    by_size: dict[int, list[int]] = {}
+    for group in keys.values():
+        by_size.setdefault(Path(paths[group[0]]).stat().st_size, []).append(group[0])
+    for size, firsts in by_size.items():
+        if len(firsts) < 2:
+            continue
+        for n in firsts:
+            keys.setdefault(("content", size, _head_tail_hash(paths[n], size)), []).append(n)
+    merged = {n: {n} for n in range(len(paths))}  # union of the inode and content groups
+    for group in keys.values():
+        union = set().union(*(merged[n] for n in group))
+        for n in union:
+            merged[n] = union
+    return sorted({tuple(sorted(g)) for g in merged.values() if len(g) > 1})
+
+
+def _head_tail_hash(path, size: int, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(chunk))
+        fh.seek(max(0, size - chunk))
+        digest.update(fh.read(chunk))
+    return digest.hexdigest()
+
+
+def check_same_files(table: pd.DataFrame, path) -> None:
+    """One slide file under two slide ids is an error listing the rows: above all one in
+    train and one in test, where the test set would leak into training."""
+    groups = same_files(list(table["path"]))
+    if not groups:
+        return
+    lines = []
+    for group in groups:
+        rows = [table.iloc[n] for n in group]
+        listed = ", ".join(f"line {table.index[n] + 2} ({r['slide_id']}, split {r['split'] or 'unset'})"
+                           for n, r in zip(group, rows))
+        lines.append(f"  - {listed}: {', '.join(dict.fromkeys(r['path'] for r in rows))}")
+    raise ManifestError(
+        f"manifest {path}: the same slide file is listed under several slide ids (same path, a link "
+        "or an identical copy; in train and test it would leak the test set into training):\n"
+        + "\n".join(lines) + "\n  Keep one row per slide file."
+    )
+
+
+def unmatched_class_keys(checked: pd.DataFrame, class_map: dict | None) -> list[str]:
+    """Warnings for config `classes:` keys that name no class of any label file (a misspelt
+    key renames nothing): each with the class names that do exist."""
+    seen = sorted({c for classes in checked["classes_in_file"] for c in classes.split(",") if c})
+    return [
+        f"classes: {key!r} matches no class in any label file (classes in the label files: "
+        f"{', '.join(seen) if seen else 'none'})"
+        for key in (class_map or {})
+        if key not in seen
+    ]
+
+
 def assign_split(df: pd.DataFrame, test_frac: float, seed: int) -> pd.DataFrame:
     """Seeded slide-level split for rows without one (never by tile)."""
     todo = df.index[df["split"] == ""]
@@ -236,6 +309,7 @@ def check_manifest(path, mags, tile_px: int, bad_slides: str, test_frac: float, 
     if len(empty):
         rows = ", ".join(str(i + 2) for i in empty)
         raise ManifestError(f"manifest {path}: empty slide_id or path on line(s) {rows}")
+    check_same_files(table, path)
     mags = sorted(float(m) for m in mags)
     good, bad = [], []
     for _, row in table.iterrows():
@@ -282,10 +356,14 @@ def slides_overview(checked: pd.DataFrame, rejected: pd.DataFrame, tables: dict,
         table = tables[slide.slide_id]
         notes = [n for n in str(slide.notes).split("; ") if n]
         row = {"slide_id": slide.slide_id, "status": "used", "split": slide.split}
+        lacking = str(slide.lacking).split(",")
         for mag in sorted(float(m) for m in mags):
             at_mag = table[np.isclose(table["mag"], mag)]
             row[f"tissue_tiles_{mag_str(mag)}x"] = int(at_mag["tissue"].sum())
-            if len(at_mag) and not at_mag["tissue"].any():
+            if f"{mag_str(mag)}x" in lacking:
+                notes.append(f"no {mag_str(mag)}x: finer than the slide's base magnification "
+                             f"{float(slide.base_mag):g}x (never invented)")
+            elif len(at_mag) and not at_mag["tissue"].any():
                 notes.append(f"0 tissue tiles at {mag_str(mag)}x")
         rows.append({**row, "notes": "; ".join(notes)})
     for slide in rejected.itertuples(index=False):

@@ -11,6 +11,7 @@ OpenSlide `read_region` at the level.
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
@@ -27,6 +28,8 @@ NATIVE_TOLERANCE = 0.01  # a level is native for a magnification within 1% of th
 # 0.263 or 0.2428 um/px at 40x, never 0.25)
 NOMINAL_MAGS = (5.0, 10.0, 20.0, 40.0, 60.0, 80.0)
 SNAP_TOLERANCE = 0.15
+# mpp-x and mpp-y further apart than this: the pixels are not square (an error, docs/slides.md)
+ANISOTROPY_TOLERANCE = 0.02
 BACKGROUND = 255  # padding outside the slide: white, like glass
 # decode buffers left by closed readers, by shape (at most one cache's worth each): the next
 # reader decodes into pages already mapped; first-touch page faults on fresh buffers were
@@ -125,29 +128,88 @@ def snap_magnification(mpp: float) -> float:
     return nominal
 
 
+def parse_objective_power(value, column: str = "objective_power") -> float | None:
+    """A manifest override of the objective power: '' -> None; 20, 20x, 20X, 2.5x -> float.
+    Anything else is a SlideError quoting the value and naming the column (a slide's own
+    metadata must never win silently over an override the user meant to give)."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*[xX]?", text)
+    power = float(match.group(1)) if match else 0.0
+    if power <= 0:
+        raise SlideError(
+            f"{column} {text!r} cannot be parsed: write the objective power as a number, "
+            "optionally followed by x (e.g. 20, 20x, 40X)"
+        )
+    return power
+
+
+def parse_mpp(value, column: str = "mpp") -> float | None:
+    """A manifest override of the level-0 pixel size in um/px: '' -> None, else a positive
+    number with a decimal point; anything else (0,25; 0.25um) is a SlideError quoting it."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    mpp = _as_float(text)
+    if mpp is None:
+        hint = " (use a decimal point, not a comma)" if "," in text else ""
+        raise SlideError(f"{column} {text!r} cannot be parsed as a pixel size in um/px{hint}")
+    return mpp
+
+
 def resolve_base_mag(props, objective_power=None, mpp=None) -> tuple[float, float | None, str]:
     """Base magnification, first found of (docs/slides.md): the manifest row's
     `objective_power`, its `mpp` (users fill these to correct wrong metadata, so they win),
     the slide's openslide.objective-power, its openslide.mpp-x. An MPP is snapped to the
     nominal magnification (`snap_magnification`). Returns (base_mag, mpp, source): mpp is the
     measured pixel size (manifest's, else the slide's; None if neither), source names the
-    field that gave base_mag."""
-    row_power, row_mpp = _as_float(objective_power), _as_float(mpp)
+    field that gave base_mag.
+
+    Metadata that disagrees is a SlideError naming both values, never a silent pick: the
+    row's objective_power vs its mpp, and, where the row corrects neither, the slide's
+    non-square pixels (mpp-x vs mpp-y beyond ANISOTROPY_TOLERANCE) and its objective power
+    vs its MPP (beyond SNAP_TOLERANCE)."""
+    row_power, row_mpp = parse_objective_power(objective_power), parse_mpp(mpp)
+    if row_power and row_mpp:
+        _check_agree(row_power, row_mpp, "the manifest row's objective_power", "its mpp", "correct one of them")
+        return row_power, row_mpp, "manifest objective_power"
+    if row_power or row_mpp:
+        measured_mpp = row_mpp or _as_float(props.get(openslide.PROPERTY_NAME_MPP_X))
+        if row_power:
+            return row_power, measured_mpp, "manifest objective_power"
+        return snap_magnification(row_mpp), row_mpp, "manifest mpp"
     slide_power = _as_float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
     slide_mpp = _as_float(props.get(openslide.PROPERTY_NAME_MPP_X))
-    measured_mpp = row_mpp or slide_mpp
-    if row_power:
-        return row_power, measured_mpp, "manifest objective_power"
-    if row_mpp:
-        return snap_magnification(row_mpp), row_mpp, "manifest mpp"
+    slide_mpp_y = _as_float(props.get(openslide.PROPERTY_NAME_MPP_Y))
+    override = "fill objective_power or mpp in the slide's manifest row to say which is right"
+    if slide_mpp and slide_mpp_y and abs(slide_mpp - slide_mpp_y) / min(slide_mpp, slide_mpp_y) > ANISOTROPY_TOLERANCE:
+        raise SlideError(
+            f"pixels are not square: openslide.mpp-x {slide_mpp:g} vs openslide.mpp-y {slide_mpp_y:g} "
+            f"um/px (more than {ANISOTROPY_TOLERANCE:.0%} apart), so no single magnification fits "
+            f"the slide; if the metadata is wrong, {override}"
+        )
+    if slide_power and slide_mpp:
+        _check_agree(slide_power, slide_mpp, "openslide.objective-power", "openslide.mpp-x", override)
     if slide_power:
-        return slide_power, measured_mpp, "objective-power"
+        return slide_power, slide_mpp, "objective-power"
     if slide_mpp:
         return snap_magnification(slide_mpp), slide_mpp, "mpp"
     raise SlideError(
         "no magnification information: the slide has neither openslide.objective-power nor "
         "openslide.mpp-x; add an objective_power or mpp column to its manifest row"
     )
+
+
+def _check_agree(power: float, mpp: float, power_name: str, mpp_name: str, fix: str) -> None:
+    """An objective power and an MPP must give the same magnification within SNAP_TOLERANCE
+    (a 20x scan labelled AppMag 40 has MPP 0.5: 20x, not 40x)."""
+    measured = mpp_to_mag(mpp)
+    if abs(measured - power) / power > SNAP_TOLERANCE:
+        raise SlideError(
+            f"{power_name} {power:g} and {mpp_name} {mpp:g} um/px ({measured:.1f}x) disagree by more "
+            f"than {SNAP_TOLERANCE:.0%}: {fix}"
+        )
 
 
 def _as_float(value) -> float | None:

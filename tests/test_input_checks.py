@@ -74,7 +74,8 @@ def _line(msg, slide_id):
 
 # -- label geometry (item 3) ---------------------------------------------------------------
 def test_label_geometry_errors_name_slide_and_file(tmp_path):
-    _slide(tmp_path / "s.svs", size=2048)
+    for n in range(3):  # one slide file per row (the same file twice is an error of its own)
+        _slide(tmp_path / f"s{n}.svs", size=2048)
     squeezed = tmp_path / "squeezed.png"  # 100 x 37 on a 2048 x 2048 slide: stretched before
     Image.fromarray(np.ones((37, 100), np.uint8)).save(squeezed)
     (tmp_path / "squeezed.classes.tsv").write_text("value\tname\n1\ttumor\n")
@@ -88,7 +89,7 @@ def test_label_geometry_errors_name_slide_and_file(tmp_path):
         tmp_path,
         {
             "slide_id": ["squeezed", "unknown", "outside"],
-            "path": ["s.svs"] * 3,
+            "path": ["s0.svs", "s1.svs", "s2.svs"],
             "labels": [squeezed.name, unknown.name, outside.name],
         },
     )
@@ -101,11 +102,12 @@ def test_label_geometry_errors_name_slide_and_file(tmp_path):
 
 def test_mask_scaled_with_rounding_is_accepted(tmp_path):
     _slide(tmp_path / "s.svs", size=2048)
+    _slide(tmp_path / "t.svs", size=2048)
     mask = np.zeros((129, 128), np.uint8)  # 2048/16 = 128, one row more from rounding up
     mask[:64, :64] = 1
     Image.fromarray(mask).save(tmp_path / "m.png")
     (tmp_path / "m.classes.tsv").write_text("value\tname\n1\ttumor\n")
-    table = _manifest(tmp_path, {"slide_id": ["a", "b"], "path": ["s.svs"] * 2, "labels": ["m.png", ""],
+    table = _manifest(tmp_path, {"slide_id": ["a", "b"], "path": ["s.svs", "t.svs"], "labels": ["m.png", ""],
                                  "split": ["train", "test"]})
     checked, _ = check_manifest(table, MAGS, 64, "error", 0.3, 0)
     assert checked.set_index("slide_id").loc["a", "classes"] == "tumor"
@@ -140,13 +142,14 @@ def test_class_mapping_renames_in_manifest_and_tiles(tmp_path):
 
 # -- slide ids, directories, any failure (items 5, 6) ---------------------------------------
 def test_every_bad_slide_listed_at_once_with_any_cause(tmp_path):
-    _slide(tmp_path / "good.svs")
+    for name in ["good", "g1", "g2", "g3"]:
+        _slide(tmp_path / f"{name}.svs")
     (tmp_path / "folder.svs").mkdir()  # a directory where a slide should be
     table = _manifest(
         tmp_path,
         {
             "slide_id": ["good", "my slide", "grp/s1", "../evil", "folder", "missing"],
-            "path": ["good.svs", "good.svs", "good.svs", "good.svs", "folder.svs", "gone.svs"],
+            "path": ["good.svs", "g1.svs", "g2.svs", "g3.svs", "folder.svs", "gone.svs"],
         },
     )
     msg = _error(table)
@@ -160,9 +163,10 @@ def test_every_bad_slide_listed_at_once_with_any_cause(tmp_path):
 def test_bad_slides_skip_lists_directories_and_ids(tmp_path):
     _slide(tmp_path / "a.svs")
     _slide(tmp_path / "b.svs")
+    _slide(tmp_path / "c.svs")
     (tmp_path / "folder.svs").mkdir()
     table = _manifest(tmp_path, {"slide_id": ["a", "b", "c d", "folder"],
-                                 "path": ["a.svs", "b.svs", "a.svs", "folder.svs"]})
+                                 "path": ["a.svs", "b.svs", "c.svs", "folder.svs"]})
     checked, rejected = check_manifest(table, MAGS, 64, "skip", 0.5, 0)
     assert sorted(checked["slide_id"]) == ["a", "b"]
     assert sorted(rejected["slide_id"]) == ["c d", "folder"]
@@ -171,7 +175,8 @@ def test_bad_slides_skip_lists_directories_and_ids(tmp_path):
 # -- splits (item 7) ---------------------------------------------------------------------------
 def test_too_few_train_or_test_slides_named_before_any_job(tmp_path):
     _slide(tmp_path / "a.svs")
-    all_test = _manifest(tmp_path, {"slide_id": ["a", "b"], "path": ["a.svs"] * 2, "split": ["test"] * 2})
+    _slide(tmp_path / "b.svs")
+    all_test = _manifest(tmp_path, {"slide_id": ["a", "b"], "path": ["a.svs", "b.svs"], "split": ["test"] * 2})
     checked = check_manifest(all_test, MAGS, 64, "error", 0.3, 0)[0]
     with pytest.raises(ManifestError, match=r"no usable train slide \(pretraining needs at least one"):
         require_split(checked, "train", "pretraining", all_test)
@@ -296,3 +301,127 @@ def test_missing_embedding_file_names_the_slide(tmp_path):
     with pytest.raises(FileNotFoundError, match="slide_b"):
         find_embedding_files([tmp_path / "embeddings"], tables)
     assert find_embedding_files([tmp_path / "embeddings"], tables[:1]) == [job / "slide_a.h5"]
+
+
+# -- scanner metadata, overrides, one file twice (issue 23, items 1-4 and 6) ----------------
+def _set_mpp_y(path, mpp_y):
+    """Rewrite level 0's YResolution of a generic TIFF (OpenSlide's mpp-y comes from it)."""
+    import tifffile
+
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages[0].tags["YResolution"].overwrite((round(1e4 / mpp_y * 1000), 1000))
+
+
+def test_one_slide_file_under_two_ids_is_an_error_listing_the_rows(tmp_path):
+    _slide(tmp_path / "a.svs")
+    _slide(tmp_path / "b.svs")
+    (tmp_path / "copy.svs").write_bytes((tmp_path / "b.svs").read_bytes())  # an identical copy
+    (tmp_path / "sub").mkdir()
+    table = _manifest(tmp_path, {"slide_id": ["a1", "a2", "b", "b_copy"],
+                                 "path": ["a.svs", "sub/../a.svs", "b.svs", "copy.svs"],
+                                 "split": ["train", "test", "train", "test"]})
+    msg = _error(table)
+    assert "same slide file is listed under several slide ids" in msg
+    assert "line 2 (a1, split train), line 3 (a2, split test)" in msg
+    assert "line 4 (b, split train), line 5 (b_copy, split test)" in msg and "copy.svs" in msg
+    distinct = _manifest(tmp_path, {"slide_id": ["a", "b"], "path": ["a.svs", "b.svs"]}, name="ok.tsv")
+    assert len(check_manifest(distinct, MAGS, 64, "error", 0.5, 0)[0]) == 2
+
+
+def test_non_square_pixels_are_an_error_naming_both_values(tmp_path):
+    img = np.full((1024, 1024, 3), 255, np.uint8)
+    img[:, :700] = (200, 80, 150)
+    write_pyramid(tmp_path / "aniso.tif", img, objective_power=None, mpp=0.25)
+    _set_mpp_y(tmp_path / "aniso.tif", 0.30)
+    write_pyramid(tmp_path / "square.tif", img, objective_power=None, mpp=0.2527)
+    _set_mpp_y(tmp_path / "square.tif", 0.2530)  # within 2%: square up to rounding
+    table = _manifest(tmp_path, {"slide_id": ["aniso", "square"], "path": ["aniso.tif", "square.tif"]})
+    msg = _line(_error(table), "aniso")
+    assert "pixels are not square: openslide.mpp-x 0.25 vs openslide.mpp-y 0.3 um/px" in msg
+    assert "fill objective_power or mpp in the slide's manifest row" in msg
+    # the user states the pixel size: accepted, recorded as the manifest's
+    fixed = _manifest(tmp_path, {"slide_id": ["aniso"], "path": ["aniso.tif"], "mpp": ["0.25"]}, name="fixed.tsv")
+    row = check_manifest(fixed, MAGS, 64, "error", 0.3, 0)[0].iloc[0]
+    assert (row["base_mag"], row["mag_source"]) == (40.0, "manifest mpp")
+
+
+def test_objective_power_and_mpp_that_disagree_are_an_error(tmp_path):
+    _slide(tmp_path / "ok.svs")
+    _slide(tmp_path / "row.svs")
+    img = np.full((1024, 1024, 3), 255, np.uint8)
+    img[:, :700] = (200, 80, 150)
+    write_pyramid(tmp_path / "mislabelled.svs", img, objective_power=40, mpp=0.5)  # a 20x scan, AppMag 40
+    rows = {"slide_id": ["ok", "mislabelled", "row"], "path": ["ok.svs", "mislabelled.svs", "row.svs"],
+            "objective_power": ["", "", "40"], "mpp": ["", "", "0.5"]}
+    msg = _error(_manifest(tmp_path, rows))
+    assert "2 of 3" in msg
+    assert ("openslide.objective-power 40 and openslide.mpp-x 0.5 um/px (20.0x) disagree by more than 15%"
+            in _line(msg, "mislabelled"))
+    assert "fill objective_power or mpp in the slide's manifest row" in _line(msg, "mislabelled")
+    assert "the manifest row's objective_power 40 and its mpp 0.5 um/px (20.0x) disagree" in _line(msg, "row")
+    fixed = _manifest(tmp_path, {"slide_id": ["m"], "path": ["mislabelled.svs"], "objective_power": ["20x"]},
+                      name="fixed.tsv")
+    row = check_manifest(fixed, [2.5, 10.0], 64, "error", 0.3, 0)[0].iloc[0]
+    assert (row["base_mag"], row["mag_source"]) == (20.0, "manifest objective_power")
+
+
+def test_overrides_that_cannot_be_parsed_are_quoted(tmp_path):
+    for n in range(5):
+        _slide(tmp_path / f"s{n}.svs")
+    rows = {"slide_id": [f"s{n}" for n in range(5)], "path": [f"s{n}.svs" for n in range(5)],
+            "objective_power": ["20x", "20X", "twenty", "", ""], "mpp": ["", "", "", "0,25", "0.25um"]}
+    msg = _error(_manifest(tmp_path, rows))
+    assert "3 of 5" in msg
+    assert "objective_power 'twenty' cannot be parsed" in _line(msg, "s2")
+    assert "mpp '0,25' cannot be parsed as a pixel size in um/px (use a decimal point, not a comma)" in _line(msg, "s3")
+    assert "mpp '0.25um' cannot be parsed" in _line(msg, "s4")
+    # 20x and 20X are an objective power of 20: they win over the slide's AppMag 40
+    ok = _manifest(tmp_path, {k: v[:2] for k, v in rows.items()}, name="ok.tsv")
+    checked = check_manifest(ok, [2.5, 10.0], 64, "error", 0.5, 0)[0]
+    assert list(checked["base_mag"]) == [20.0, 20.0]
+    assert list(checked["mag_source"]) == ["manifest objective_power"] * 2
+
+
+@pytest.mark.parametrize("features", [[], [{"type": "Feature", "properties": {"classification": {"name": "tumor"}},
+                                             "geometry": {"type": "Point", "coordinates": [10, 10]}}]])
+def test_geojson_without_polygons_is_an_error_at_the_manifest(tmp_path, features):
+    _slide(tmp_path / "s.svs")
+    (tmp_path / "s.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    msg = _error(_manifest(tmp_path, {"slide_id": ["s"], "path": ["s.svs"], "labels": ["s.geojson"]}))
+    assert "s.geojson: no polygon annotation (an empty FeatureCollection, or only points or lines" in _line(msg, "s")
+
+
+def test_spreadsheet_trailing_empty_rows_and_unmatched_class_keys(tmp_path):
+    from madflow.manifest import unmatched_class_keys
+
+    _slide(tmp_path / "a.svs")
+    _slide(tmp_path / "b.svs")
+    _geojson(tmp_path / "a.geojson", [(0, 0, 512, "tumor")])
+    table = tmp_path / "slides.csv"  # as Excel saves it: rows of empty cells at the end
+    table.write_text("slide_id,path,labels,split\na,a.svs,a.geojson,train\nb,b.svs,,test\n,,,\n,,,\n")
+    checked, _ = check_manifest(table, MAGS, 64, "error", 0.3, 0, class_map={"Tumour": "tumor"})
+    assert list(checked["slide_id"]) == ["a", "b"]
+    assert unmatched_class_keys(checked, {"Tumour": "tumor", "tumor": "tumor"}) == [
+        "classes: 'Tumour' matches no class in any label file (classes in the label files: tumor)"
+    ]
+
+
+def test_a_lacking_magnification_is_explained_in_slides_tsv(tmp_path):
+    img = np.full((1024, 1024, 3), 255, np.uint8)
+    img[:, :700] = (200, 80, 150)
+    write_pyramid(tmp_path / "s20.svs", img, objective_power=20, mpp=0.5)
+    checked, rejected = check_manifest(_manifest(tmp_path, {"slide_id": ["s20"], "path": ["s20.svs"]}),
+                                       MAGS, 64, "error", 0.3, 0)
+    grid, *_ = tile_slide(checked.iloc[0].to_dict(), MAGS, 64, 0.5)
+    row = slides_overview(checked, rejected, {"s20": grid}, MAGS).iloc[0]
+    assert row["tissue_tiles_40x"] == 0
+    assert "no 40x: finer than the slide's base magnification 20x (never invented)" in row["notes"]
+
+
+def test_init_cycle_names_the_experiments():
+    config = merged_config({"experiments": {"a": {"init": "b"}, "b": {"init": "a"}}})
+    with pytest.raises(ValueError, match=r"experiments 'a' -> 'b' -> 'a': their init settings form a cycle"):
+        resolve_train_config(config, {"name": "a", **config["experiments"]["a"]})
+    shipped = merged_config({})
+    for name, settings in shipped["experiments"].items():
+        resolve_train_config(shipped, {"name": name, **settings})  # the shipped chain is fine

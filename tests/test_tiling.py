@@ -44,15 +44,16 @@ def test_resolve_base_mag_cases():
 
 def test_magnification_from_real_files(tmp_path):
     img = _image(1024)
-    aperio, mpp_only, bare = tmp_path / "a.svs", tmp_path / "m.tif", tmp_path / "n.tif"
+    aperio, mpp_only, bare, bare2 = tmp_path / "a.svs", tmp_path / "m.tif", tmp_path / "n.tif", tmp_path / "n2.tif"
     write_pyramid(aperio, img, objective_power=40, mpp=0.25)
     write_pyramid(mpp_only, img, objective_power=None, mpp=0.5)
     write_pyramid(bare, img, objective_power=None, mpp=None)
+    write_pyramid(bare2, _image(1024, 1), objective_power=None, mpp=None)  # one file per row
     table = tmp_path / "manifest.tsv"
     pd.DataFrame(
         {
             "slide_id": ["a", "m", "n", "n_override"],
-            "path": [aperio.name, mpp_only.name, bare.name, bare.name],
+            "path": [aperio.name, mpp_only.name, bare.name, bare2.name],
             "objective_power": ["", "", "", "20"],
         }
     ).to_csv(table, sep="\t", index=False)

@@ -3,7 +3,7 @@
 import sys
 
 from madflow.io import write_atomic
-from madflow.manifest import ManifestError, check_manifest
+from madflow.manifest import ManifestError, check_manifest, unmatched_class_keys
 from madflow.runlog import setup
 
 log = setup(snakemake.log[0])
@@ -22,6 +22,9 @@ for row in rejected.itertuples():
 for row in checked[checked["notes"] != ""].itertuples():
     log.warning("%s: %s", row.slide_id, row.notes)
     print(f"madflow: slide {row.slide_id}: {row.notes}", file=sys.__stderr__)
+for warning in unmatched_class_keys(checked, p.class_map):
+    log.warning("%s", warning)
+    print(f"madflow: {warning}", file=sys.__stderr__)
 if not (checked.loc[checked["split"] == "test", "classes"] != "").any():
     log.warning("no test slide has labels: the labelled metrics will be reported as not applicable")
 log.info("%d slides checked, %d rejected", len(checked), len(rejected))
