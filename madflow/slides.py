@@ -321,15 +321,28 @@ class SlideReader:
             return self._remember(key, tile)
         data = os.pread(self._fd, count, offset)
         if len(data) != count:
-            raise SlideError(f"{self.path}: truncated file (tile {index} of level {level})")
-        if page.compression == 7 and page.photometric in (2, 6):
-            # plain JPEG (RGB or YCbCr): libjpeg-turbo directly, ~1.3x faster than page.decode
-            shape = (page.tilelength, page.tilewidth, 3)
-            tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables, out=self._tile_buffer(shape))
-        else:
-            segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
-            tile = np.asarray(segment)
-        return self._remember(key, tile.reshape(page.tilelength, page.tilewidth, -1)[..., :3])
+            raise SlideError(f"{self.path}: truncated file ({self._tile_name(level, ty, tx)})")
+        try:
+            if page.compression == 7 and page.photometric in (2, 6):
+                # plain JPEG (RGB or YCbCr): libjpeg-turbo directly, ~1.3x faster than page.decode
+                shape = (page.tilelength, page.tilewidth, 3)
+                tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables, out=self._tile_buffer(shape))
+            else:
+                segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
+                tile = np.asarray(segment)
+            tile = tile.reshape(page.tilelength, page.tilewidth, -1)[..., :3]
+        except Exception as err:  # noqa: BLE001 - any codec error: name the slide and the tile
+            raise SlideError(f"{self.path}: {self._tile_name(level, ty, tx)} cannot be decoded "
+                             f"({type(err).__name__}: {err})") from None
+        return self._remember(key, tile)
+
+    def _tile_name(self, level: int, ty: int, tx: int) -> str:
+        """Where a stored tile is: its level, row and column, and its level-0 position."""
+        page = self._pages[level]
+        x, y = tx * page.tilewidth, ty * page.tilelength
+        d = self.level_downsamples[level]
+        return (f"stored tile at level {level}, row {ty}, column {tx} (level pixels x {x}, y {y}; "
+                f"level-0 x {round(x * d)}, y {round(y * d)})")
 
     def _tile_buffer(self, shape) -> np.ndarray:
         """Where to decode a tile: the least recently used tile's buffer once the cache is
@@ -362,9 +375,12 @@ class SlideReader:
             return out
         if not self._pages:
             d = self.level_downsamples[level]
-            region = self.slide.read_region(
-                (round(x_lo * d), round(y_lo * d)), level, (x_hi - x_lo, y_hi - y_lo)
-            )
+            xy0 = (round(x_lo * d), round(y_lo * d))
+            try:
+                region = self.slide.read_region(xy0, level, (x_hi - x_lo, y_hi - y_lo))
+            except openslide.OpenSlideError as err:
+                raise SlideError(f"{self.path}: the region at level {level}, level-0 x {xy0[0]}, y {xy0[1]} "
+                                 f"({x_hi - x_lo} x {y_hi - y_lo} px) cannot be read ({err})") from None
             rgba = np.asarray(region)
             # transparent (outside scanned area) -> background
             rgb = np.where(rgba[..., 3:4] == 0, BACKGROUND, rgba[..., :3])
@@ -424,6 +440,26 @@ class SlideReader:
         return np.concatenate(rows, axis=0), self.level_downsamples[level] * factor
 
 
+def _check_tile_magic(path, fh, page, offsets, counts, levels: dict) -> None:
+    """SlideError naming the first stored tile of a TIFF page whose data does not start with
+    its codec's magic bytes (sparse tiles, 0 bytes, are background and fine). `levels`:
+    OpenSlide's (width, height) -> level, to name the level."""
+    magic = CODEC_MAGIC[int(page.compression)]
+    for index in np.flatnonzero(counts > 0):
+        fh.seek(int(offsets[index]))
+        if fh.read(len(magic)) != magic:
+            ntx = -(-page.imagewidth // page.tilewidth)
+            ty, tx = divmod(int(index), ntx)
+            level = levels.get((page.imagewidth, page.imagelength))
+            where = f"level {level}" if level is not None else f"TIFF page {page.index} (not a level)"
+            codec = getattr(page.compression, "name", str(page.compression))
+            raise SlideError(
+                f"{path}: corrupt tile: the stored tile at {where}, row {ty}, column {tx} (level pixels "
+                f"x {tx * page.tilewidth}, y {ty * page.tilelength}) is not {codec} data; re-export or "
+                "re-copy the slide"
+            )
+
+
 def _reusable(tile: np.ndarray) -> bool:
     """A cached tile whose memory can take a decode: a whole buffer, not a channel view of a
     page.decode segment."""
@@ -442,21 +478,35 @@ def _box_reduce(img: np.ndarray, factor: int) -> np.ndarray:
     return reduced.round().astype(np.uint8)
 
 
+# how the stored data of each compression starts: JPEG's SOI marker, a JPEG 2000 codestream's
+# SOC + SIZ markers (Aperio 33003/33005, JPEG 2000 34712)
+CODEC_MAGIC = {7: b"\xff\xd8", 33003: b"\xff\x4f\xff\x51", 33005: b"\xff\x4f\xff\x51",
+               34712: b"\xff\x4f\xff\x51"}
+
+
 def check_readable(path) -> None:
     """Raise SlideError if the slide's stored data runs past the end of the file (truncated
-    download/copy), then decode one tile of the coarsest level as a smoke test."""
+    download/copy) or a stored JPEG / JPEG 2000 tile does not start as its codec's data must
+    (a zeroed or overwritten tile: checked for every tile of every level, a few bytes each),
+    then decode one tile of the coarsest level as a smoke test."""
     size = os.path.getsize(path)
     try:
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        with openslide.OpenSlide(str(path)) as slide:
+            levels = {dims: n for n, dims in enumerate(slide.level_dimensions)}
+        with tifffile.TiffFile(path) as tif, open(path, "rb") as fh:
             for page in tif.pages:
-                ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+                offsets = np.asarray(page.dataoffsets, np.int64)
+                counts = np.asarray(page.databytecounts, np.int64)
+                ends = offsets + counts
                 if len(ends) and ends.max() > size:
                     raise SlideError(
                         f"{path}: truncated file: image data runs to byte {int(ends.max())} "
                         f"but the file has {size} bytes"
                     )
+                if page.is_tiled and page.compression in CODEC_MAGIC:
+                    _check_tile_magic(path, fh, page, offsets, counts, levels)
     except SlideError:
         raise
     except Exception:

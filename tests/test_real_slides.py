@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from conftest import merged_config, run_snakemake
-from madflow.manifest import check_manifest
+from madflow.manifest import ManifestError, check_manifest
 from madflow.slides import BACKGROUND, SlideError, SlideReader, resolve_base_mag, snap_magnification
 from madflow.synth import write_pyramid
 from madflow.tiling import tile_slide, write_coords_h5
@@ -116,6 +116,37 @@ def test_sparse_tiles_read_as_background_like_openslide(tmp_path):
     with SlideReader(path) as reader:
         tiles = reader.read_tiles(grid)  # every tile of every magnification, the sparse ones too
     assert tiles.shape == (len(grid), 64, 64, 3)
+
+
+# -- corrupt tiles (issue 23, item 5) ---------------------------------------------------------
+def _zero_tile(path, tile_index: int, level: int = 0):
+    """Overwrite one stored tile's data with zeros (offsets and byte counts kept)."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[level]
+        offset, count = page.dataoffsets[tile_index], page.databytecounts[tile_index]
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(bytes(count))
+
+
+def test_corrupt_tile_is_named_at_the_manifest_and_wherever_it_is_read(tmp_path):
+    for name in ("good", "corrupt"):
+        write_pyramid(tmp_path / f"{name}.svs", _image(1024, 3), objective_power=40, mpp=0.25)
+    _zero_tile(tmp_path / "corrupt.svs", 5)  # level 0 (4 x 4 tiles of 256 px): row 1, column 1
+    table = _manifest(tmp_path, {"slide_id": ["good", "corrupt"], "path": ["good.svs", "corrupt.svs"]})
+    with pytest.raises(ManifestError) as err:
+        check_manifest(table, MAGS, 64, "error", 0.5, 0)
+    line = next(ln for ln in str(err.value).splitlines() if "- corrupt:" in ln)
+    assert "corrupt.svs: corrupt tile: the stored tile at level 0, row 1, column 1 (level pixels x 256, y 256)" in line
+    checked, rejected = check_manifest(table, MAGS, 64, "skip", 0.5, 0)  # skip: left out, with the cause
+    assert list(checked["slide_id"]) == ["good"] and list(rejected["slide_id"]) == ["corrupt"]
+    assert "corrupt tile" in rejected["cause"].iloc[0]
+    # read anyway (embed, training): the error names the slide, the level and the tile
+    with SlideReader(tmp_path / "corrupt.svs") as reader:
+        with pytest.raises(SlideError, match=r"corrupt.svs: stored tile at level 0, row 1, column 1 "
+                                             r"\(level pixels x 256, y 256; level-0 x 256, y 256\) cannot be decoded"):
+            reader.read_level_region(0, 300, 300, 64, 64)
+        assert reader.read_level_region(0, 0, 0, 256, 256).shape == (256, 256, 3)  # the others still read
 
 
 # -- CLAM and TRIDENT readers ----------------------------------------------------------------
