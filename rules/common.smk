@@ -146,6 +146,24 @@ def tile_qc(wildcards):
     return expand(f"{RESULTS}/tiles/qc/{{slide_id}}.png", slide_id=slide_ids())
 
 
+def default_experiments():
+    """The experiments of the default target: config `default_experiments` (every experiment
+    when null) and the stages they start from (`init`), in config order."""
+    chosen = config.get("default_experiments") or EXPERIMENTS
+    unknown = sorted(set(chosen) - set(EXPERIMENTS))
+    if unknown:
+        raise ValueError(
+            f"default_experiments names {unknown}, which are not under experiments: "
+            f"(have {EXPERIMENTS})"
+        )
+    needed = set()
+    for name in chosen:
+        while name and name not in needed:
+            needed.add(name)
+            name = experiment_train_config(name).get("init")
+    return [e for e in EXPERIMENTS if e in needed]
+
+
 def experiment_settings(name):
     """An experiment's own switches (training merges them over `train:` itself)."""
     return {"mode": "mad", **config["experiments"][name]}
@@ -211,11 +229,11 @@ def encoder_input(wildcards):
     return f"{RESULTS}/{wildcards.experiment}/seed{wildcards.seed}/encoder.pt"
 
 
-def run_files(name, seeds):
-    """A pretrain output of every experiment that has a pretrain job, for every seed."""
+def run_files(name, experiments, seeds):
+    """A pretrain output of each experiment that has a pretrain job, for every seed."""
     return [
         f"{RESULTS}/{e}/seed{s}/{name}"
-        for e in EXPERIMENTS
+        for e in experiments
         if experiment_mode(e).pretrain_job
         for s in seeds
     ]
@@ -228,7 +246,7 @@ def seed_metrics(experiment, seeds):
 def train_logs(wildcards):
     return {
         e: f"{RESULTS}/{e}/seed{SEEDS[0]}/train_log.tsv"
-        for e in EXPERIMENTS
+        for e in DEFAULT_EXPERIMENTS
         if experiment_mode(e).trains
     }
 
@@ -243,9 +261,34 @@ def rule_resources(name):
     return {**RESOURCES["default"], **RESOURCES.get(name, {})}
 
 
+def pretrain_resources():
+    """config resources.pretrain. With `nodes: N` > 1 they become one Slurm job of N nodes with
+    one task each, in the Slurm executor plugin's own terms: `tasks` with an `mpi` launcher
+    (the plugin then runs the rule's shell in the batch script, whose `srun` starts a torchrun
+    agent per node, instead of wrapping the whole job in `srun -n1`), `tasks_per_gpu: 0` (no
+    --ntasks-per-gpu) and the GPUs per node as `gres` (--gres counts per node; the plugin's
+    `gpu` is --gpus, a count for the whole job)."""
+    res = rule_resources("pretrain")
+    nodes = int(res.get("nodes", 1))
+    if nodes > 1:
+        gpus = int(res.pop("gpu", 0) or 0)
+        res.update(tasks=nodes, mpi="srun", tasks_per_gpu=0)
+        if gpus:
+            res["gres"] = f"gpu:{gpus}"
+    return res
+
+
+def job_gpus(resources):
+    """GPUs granted to a job, per node: its `gpu`, or the count of its `gres` (gpu:G)."""
+    gres = str(resources.get("gres", "") or "")
+    if gres.startswith("gpu"):
+        return int(gres.rsplit(":", 1)[1]) if ":" in gres else 1
+    return int(resources.get("gpu", 0) or 0)
+
+
 def job_device(wildcards, resources):
     """'cpu' for a job granted no GPU (even where one is visible), else 'auto' (CUDA if any)."""
-    return "auto" if int(resources.get("gpu", 0) or 0) > 0 else "cpu"
+    return "auto" if job_gpus(resources) > 0 else "cpu"
 
 
 def training_config(wildcards):
@@ -290,10 +333,36 @@ def exported_features(wildcards):
     )
 
 
-def pretrain_launcher(wildcards, resources):
-    """torchrun with one process per GPU granted to the job, where the mode can run under
-    DDP; else plain python (the supervised control is a small single-process run)."""
-    gpus = int(resources.get("gpu", 0) or 0)
-    if gpus > 1 and experiment_mode(wildcards.experiment).distributed:
+DEFAULT_EXPERIMENTS = default_experiments()
+
+
+def pretrain_launcher(wildcards, resources, threads):
+    """How the pretrain job starts its processes. One node: torchrun --standalone with one
+    process per GPU granted (plain python for one GPU, a CPU job, or the supervised control,
+    a small single-process run). Several nodes (pretrain_resources): srun starts one torchrun
+    agent per node; the agents meet at a c10d rendezvous on the job's first node, with the job
+    id as rendezvous id, and form one process group of nodes x GPUs processes (CPU nodes: one
+    process per node). A dying task ends the whole step (--kill-on-bad-exit).
+    """
+    gpus = job_gpus(resources)
+    nodes = int(resources.get("nodes", 1) or 1)
+    if not experiment_mode(wildcards.experiment).distributed:
+        return "python"  # on the job's first node (a multi-node job's batch script runs there)
+    if nodes > 1:
+        if resources.get("mpi") != "srun":
+            raise ValueError(
+                "pretraining over several nodes: set resources.pretrain.nodes in a config"
+                " file; --set-resources pretrain:nodes=N alone does not make a multi-node job"
+            )
+        per_node = max(gpus, 1)
+        cpus = gpus * int(resources.get("cpus_per_gpu", 1)) if gpus else threads
+        return (
+            f"srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --cpus-per-task={cpus}"
+            f" --kill-on-bad-exit=1 torchrun --nnodes={nodes} --nproc_per_node={per_node}"
+            " --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID --rdzv_endpoint="
+            '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+            ':$((29500 + SLURM_JOB_ID % 1000))" --max_restarts=0'
+        )
+    if gpus > 1:
         return f"torchrun --standalone --nproc_per_node={gpus}"
     return "python"

@@ -53,7 +53,7 @@ rule pretrain:
         "../envs/torch.yaml"
     threads: rule_threads("pretrain")
     resources:
-        **rule_resources("pretrain"),
+        **pretrain_resources(),
     params:
         launcher=pretrain_launcher,
         init=init_argument,

@@ -1,8 +1,16 @@
-"""Process group set-up for torchrun (WORLD_SIZE/RANK/LOCAL_RANK) and its small helpers."""
+"""Process group set-up for torchrun (WORLD_SIZE/RANK/LOCAL_RANK) and its small helpers.
+
+On one node or several: torchrun gives every process its global RANK, its LOCAL_RANK on its
+node (its GPU) and the WORLD_SIZE. A collective that waits on a rank that died or hangs fails
+after ``MADFLOW_DIST_TIMEOUT_S`` seconds (default 600) instead of waiting until the job's
+wall-time limit; a rank that dies outright ends its torchrun agent at once, and under Slurm
+(``srun --kill-on-bad-exit``) the whole job with it.
+"""
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,7 +30,8 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
             device = f"cuda:{local_rank}" if world > 1 else "cuda"
         torch.cuda.set_device(torch.device(device))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        timeout = timedelta(seconds=float(os.environ.get("MADFLOW_DIST_TIMEOUT_S", "600")))
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
     return world, rank, torch.device(device)
 
 

@@ -150,10 +150,14 @@ class _Run:
         sampler = checkpoint.get("sampler", {})
         for what, saved, now in (("seed", sampler.get("seed", self.seed), self.seed),
                                  ("mode", sampler.get("mode", self.mode.name), self.mode.name),
-                                 ("world size", checkpoint.get("world_size", self.world), self.world),
                                  ("total steps", checkpoint.get("total_steps", self.total), self.total)):
             if saved != now:
                 log.warning("checkpoint was written with %s %s, this run has %s: batches differ", what, saved, now)
+        if checkpoint.get("world_size", self.world) != self.world and self.is_main:
+            # the global batch, the step and every schedule go on unchanged; only which parents
+            # each rank draws differs (a rank's stream is a function of seed, step and rank)
+            log.info("resuming a checkpoint of world size %s at world size %s: same global batch and schedules, "
+                     "other per-rank sampler streams", checkpoint["world_size"], self.world)
         (log.info if self.is_main else log.debug)("resuming from step %d (%s)", start, self.checkpoint_path)
         self.log.start(start, checkpoint.get("log_rows"))
         return start
@@ -179,8 +183,9 @@ class _Run:
     def _loader(self, start: int, reader_factory) -> tuple[MADBatchDataset, torch.utils.data.DataLoader]:
         cfg = self.train_cfg
         batch_parents = int(cfg["batch_parents"])
-        if batch_parents % self.world:
-            log.warning("batch_parents=%d is not divisible by world size %d", batch_parents, self.world)
+        if batch_parents % self.world:  # the global batch must not change with the world size
+            raise ValueError(f"train.batch_parents={batch_parents} (the global batch) is not divisible by the "
+                             f"world size {self.world}")
         dataset = MADBatchDataset(
             self.index, self.mode.name, cfg["pairs"], max(1, batch_parents // self.world), int(cfg["n_local"]),
             self.seed, self.total, start_step=start, rank=self.rank, parent_view=bool(cfg["parent_view"]),
