@@ -155,7 +155,8 @@ def zero_tile_notes(path, slide_size: tuple[int, int], coarse_size: int, coarse_
     if width < coarse_size or height < coarse_size:
         notes.append(
             f"smaller than one {mag_str(coarse_mag)}x tile ({width} x {height} px, a tile covers "
-            f"{coarse_size} px): its single {mag_str(coarse_mag)}x tile is mostly padding"
+            f"{coarse_size} px): no {mag_str(coarse_mag)}x tile lies inside it, so it has no {mag_str(coarse_mag)}x "
+            "tissue tile (tiles past the slide's edge are never used)"
         )
     with SlideReader(path) as reader:
         thumb, _ = reader.thumbnail(max_side=1024)

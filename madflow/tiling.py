@@ -36,7 +36,7 @@ def build_grid(width: int, height: int, base_mag: float, mags, tile_px: int) -> 
     """All tiles of the hierarchy covering a width x height level-0 image.
 
     Coarsest tiles (i, j) start at (j*S, i*S); the grid covers the slide (the last row and
-    column may run past its edge; those pixels read as background)."""
+    column may run past its edge: such tiles are kept, never tissue, see `inside_slide`)."""
     mags = sorted(float(m) for m in mags)
     if len(mags) > len(GRID_KEYS) - 1:
         raise ValueError(f"at most {len(GRID_KEYS) - 1} magnifications are supported")
@@ -133,6 +133,7 @@ def tile_slide(slide: dict, mags, tile_px: int, min_tissue: float, class_map: di
         grid = grid[grid["mag"].isin(present)].reset_index(drop=True)
         thumb, thumb_ds = reader.thumbnail()
         plan = choose_levels(reader.level_downsamples, base, present)
+        level_dims = np.asarray(reader.level_dimensions, np.int64)
     mask = tissue_mask(thumb)
     coarse_size = footprint_size(tile_px, base, mags[0])
     fine_size = footprint_size(tile_px, base, mags[-1])
@@ -145,7 +146,8 @@ def tile_slide(slide: dict, mags, tile_px: int, min_tissue: float, class_map: di
     grid["downsample"] = grid["mag"].map(lambda m: plan[m].downsample).astype(np.float64)
     grid["native"] = grid["mag"].map(lambda m: plan[m].native).astype(bool)
     grid["tissue_frac"] = fine_values(grid, tissue_fine)
-    grid["tissue"] = grid["tissue_frac"] >= min_tissue
+    grid["inside"] = inside_slide(grid, level_dims)
+    grid["tissue"] = (grid["tissue_frac"] >= min_tissue) & grid["inside"]
     grid["label"] = pd.array([None] * len(grid), dtype="string")
     grid["label_purity"] = np.float32(np.nan)
     label_path = slide.get("labels")
@@ -161,6 +163,31 @@ def tile_slide(slide: dict, mags, tile_px: int, min_tissue: float, class_map: di
             grid["label_purity"] = purity.astype(np.float32)
     grid["path"] = str(slide["path"])
     return grid, thumb, thumb_ds, mask
+
+
+def inside_slide(grid: pd.DataFrame, level_dims: np.ndarray) -> np.ndarray:
+    """Whether each tile's pixels lie within the slide (the edge-tile rule, docs/slides.md):
+    its level-0 footprint within level 0, and the region read for it at its level within that
+    level, both as madflow maps it (x // step, n px) and as OpenSlide's read_region does, which
+    CLAM's reader calls with the coords' patch_level and patch_size (x / downsample, sub-pixel
+    interpolated: one more pixel where the downsample is not whole). A tile past the right or
+    bottom edge would read padding that the tools and madflow fill differently (OpenSlide:
+    transparent, read black; madflow: white), so such a tile is never a tissue tile: never
+    exported, embedded or trained on."""
+    width, height = level_dims[0]
+    x0, y0, size0 = (grid[c].to_numpy(np.int64) for c in ("x0", "y0", "size0"))
+    level = grid["level"].to_numpy(np.int64)
+    downsample = grid["downsample"].to_numpy(np.float64)
+    step, n = np.empty_like(size0), np.empty_like(size0)
+    for (size, ds), idx in grid.groupby(["size0", "downsample"]).indices.items():  # one per magnification
+        step[idx], n[idx] = level_read_size(int(size), float(ds))
+    margin = (np.abs(downsample - step) > 1e-9).astype(np.int64)
+    lw, lh = level_dims[level, 0], level_dims[level, 1]
+
+    def end(c0):  # the last level pixel (exclusive) either mapping needs
+        return np.maximum(c0 // step + n, np.ceil(c0 / downsample + n).astype(np.int64) + margin)
+
+    return (x0 + size0 <= width) & (y0 + size0 <= height) & (end(x0) <= lw) & (end(y0) <= lh)
 
 
 def coords_attrs(slide: dict, mag: float, tile_px: int, level=None, downsample=None) -> dict:

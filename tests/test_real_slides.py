@@ -150,29 +150,48 @@ def test_corrupt_tile_is_named_at_the_manifest_and_wherever_it_is_read(tmp_path)
 
 
 # -- CLAM and TRIDENT readers ----------------------------------------------------------------
+# Their reading code, step for step, as in CLAM 53e2409 (dataset_modules/dataset_h5.py) and
+# TRIDENT a91fa84 (trident/wsi_objects/WSI.py, WSIPatcher.py, OpenSlideWSI.py);
+# studies/interop_upstream.py runs the tools' own code on the workflow's outputs.
 def clam_read(slide_path, coords_path):
-    """CLAM's Whole_Slide_Bag_FP: `patch_size` px at `patch_level` from each level-0 (x, y)."""
+    """CLAM's Whole_Slide_Bag_FP.__getitem__: read_region(coord, patch_level, (patch_size,
+    patch_size)).convert('RGB') for each level-0 (x, y)."""
     with h5py.File(coords_path, "r") as f:
-        level, size = int(f["coords"].attrs["patch_level"]), int(f["coords"].attrs["patch_size"])
+        level, size = f["coords"].attrs["patch_level"], f["coords"].attrs["patch_size"]
         coords = f["coords"][:]
     wsi = openslide.OpenSlide(str(slide_path))
-    return [np.asarray(wsi.read_region(tuple(map(int, xy)), level, (size, size)).convert("RGB")) for xy in coords]
+    return [np.asarray(wsi.read_region(tuple(xy), level, (size, size)).convert("RGB")) for xy in coords]
+
+
+def trident_level(level_downsamples, downsample, tolerance=0.1):
+    """TRIDENT's WSI.get_best_level_and_custom_downsample (level only): a level within an
+    absolute `tolerance` of the downsample, else the coarsest level not above it (upsampling:
+    the finest level at or above it)."""
+    for level, d in enumerate(level_downsamples):
+        if abs(d - downsample) <= tolerance:
+            return level
+    if downsample >= level_downsamples[0]:
+        return max(level for level, d in enumerate(level_downsamples) if d <= downsample)
+    return min(level for level, d in enumerate(level_downsamples) if d >= downsample)
 
 
 def trident_read(slide_path, coords_path):
-    """TRIDENT's WSI.extract_patch_features: read_coords (KeyError on a missing attribute),
-    then a patcher from level0_magnification to target_magnification: the level whose
-    downsample matches their ratio (else the nearest finer one, get_best_level_and_custom_
-    downsample), patch_size * ratio / level downsample px read there, resized to patch_size."""
+    """TRIDENT's WSI.extract_patch_features: read_coords (KeyError without patch_size,
+    level0_magnification, target_magnification), create_patcher(src_mag, dst_mag,
+    custom_coords, pil=True): downsample = (10 / dst) / (10 / src), patch_size_src =
+    round(patch_size * downsample), the level of get_best_level_and_custom_downsample(
+    downsample, tolerance=0.1), patch_size_level = round(patch_size_src / int(level
+    downsample)); get_tile_xy: read_region(xy, level, patch_size_level).convert('RGB'),
+    PIL resize to patch_size (Pillow's default filter, bicubic)."""
     with h5py.File(coords_path, "r") as f:
         attrs, coords = dict(f["coords"].attrs), f["coords"][:]
     patch_size, src, dst = (attrs[k] for k in ("patch_size", "level0_magnification", "target_magnification"))
     wsi = openslide.OpenSlide(str(slide_path))
-    ratio = src / dst
-    level = max((lvl for lvl, d in enumerate(wsi.level_downsamples) if d <= ratio + 0.01), default=0)
-    read = round(patch_size * ratio / wsi.level_downsamples[level])
-    return [np.asarray(wsi.read_region(tuple(map(int, xy)), level, (read, read)).convert("RGB")
-                       .resize((int(patch_size), int(patch_size)), Image.BOX)) for xy in coords]
+    downsample = (10 / dst) / (10 / src)
+    level = trident_level(wsi.level_downsamples, downsample)
+    size = round(round(patch_size * downsample) / int(wsi.level_downsamples[level]))
+    return [np.asarray(wsi.read_region((x, y), level, (size, size)).convert("RGB").resize((patch_size, patch_size)))
+            for x, y in coords]
 
 
 def _as_tile(patch, tile_px):
@@ -221,6 +240,50 @@ def test_coords_read_the_tile_footprint_with_clam_and_trident(tmp_path, mpp, lac
                 assert np.abs(_as_tile(half, 64) - mine).mean() > 15
     with h5py.File(coords[10.0], "r") as f:
         assert f["coords"].attrs["native"] == (mpp < 0.3)  # 10x of a 20x scan is resized
+
+
+def _odd_slide(path):
+    """A 40x slide of 2030 x 1750 px, tissue up to its right and bottom edges: its sides are
+    not multiples of the 2.5x footprint (1024 px at T = 64) and OpenSlide reports level
+    downsamples 4.0043 and 16.08, not whole numbers."""
+    rng = np.random.default_rng(5)
+    blocks = rng.integers(40, 230, (176, 204, 3), dtype=np.uint8)
+    write_pyramid(path, np.kron(blocks, np.ones((10, 10, 1), np.uint8))[:1750, :2030])
+    return path
+
+
+def test_edge_tiles_are_never_exported_so_clam_trident_and_madflow_read_the_same(tmp_path):
+    """The edge-tile rule (docs/slides.md): a tile whose pixels run past the slide's right or
+    bottom edge (at level 0 or at the level it is read from) stays in the table with
+    inside = False and is never a tissue tile, so every exported coord reads only slide
+    pixels, in madflow and in CLAM's and TRIDENT's readers alike."""
+    path = _odd_slide(tmp_path / "odd.svs")
+    ds = openslide.OpenSlide(str(path)).level_downsamples
+    assert ds[1] != round(ds[1]) and ds[2] != round(ds[2])
+    checked, _ = check_manifest(_manifest(tmp_path, {"slide_id": ["odd"], "path": [path.name]}), MAGS, 64,
+                                "error", 0.3, 0)
+    slide = checked.iloc[0].to_dict()
+    grid, *_ = tile_slide(slide, MAGS, 64, 0.5)
+    past = (grid["x0"] + grid["size0"] > 2030) | (grid["y0"] + grid["size0"] > 1750)
+    assert (~grid.loc[past, "inside"]).all() and not grid.loc[~grid["inside"], "tissue"].any()
+    assert (grid.loc[past, "tissue_frac"] >= 0.5).any()  # tissue there: the rule, not the mask, leaves them out
+    reader, wsi = SlideReader(path), openslide.OpenSlide(str(path))
+    for mag in MAGS:
+        coords = tmp_path / f"{mag:g}x.h5"
+        write_coords_h5(grid, slide, mag, 64, coords)
+        rows = grid[(grid["mag"] == mag) & grid["tissue"]]
+        assert len(rows) > 0
+        with h5py.File(coords, "r") as f:
+            level, size = f["coords"].attrs["patch_level"], f["coords"].attrs["patch_size"]
+        for x, y in rows[["x0", "y0"]].to_numpy():  # OpenSlide: transparent = outside the slide
+            assert (np.asarray(wsi.read_region((int(x), int(y)), level, (size, size)))[..., 3] == 255).all()
+        mine = reader.read_tiles(rows).astype(np.float32)
+        for read in (clam_read, trident_read):
+            theirs = np.stack([_as_tile(p, 64) for p in read(path, coords)])
+            if mag == 40.0:  # level 0: the same pixels
+                assert np.array_equal(theirs, mine), read.__name__
+            else:  # OpenSlide maps x to x / 4.0043 and interpolates: sub-pixel shifts, not padding
+                assert np.abs(theirs - mine).mean(axis=(1, 2, 3)).max() < 15, read.__name__
 
 
 def test_exported_features_load_like_clam_and_trident_mil(tmp_path):
