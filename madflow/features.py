@@ -6,6 +6,7 @@ root-level `features` [N, D] and `coords` [N, 2] (the tiler's coords attributes)
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import h5py
@@ -56,9 +57,19 @@ def read_coords(path) -> tuple[np.ndarray, dict]:
         return h5["coords"][:], dict(h5["coords"].attrs)
 
 
-def export_slide(embeddings_path, coords_paths, h5_paths, pt_paths, mags) -> list[int]:
+def trident_folder(mag: float, tile_px: int) -> str:
+    """The folder TRIDENT's Processor.run_patching_job names after its settings (a91fa84):
+    `{mag}x_{patch_size}px_{overlap}px_overlap` (10 -> '10x', 2.5 -> '2.5x')."""
+    return f"{mag_str(mag)}x_{int(tile_px)}px_0px_overlap"
+
+
+def export_slide(embeddings_path, coords_paths, h5_paths, pt_paths, mags, trident_patches=None,
+                 trident_features=None) -> list[int]:
     """Write one slide's embeddings per magnification (`mags`, in the order of the path
-    lists) as CLAM/TRIDENT feature files; returns the tile count per magnification.
+    lists) as CLAM feature files (`h5_paths`, `pt_paths`) and, when given, in TRIDENT's job
+    layout: the coords as `patches/{slide}_patches.h5` (`trident_patches`) and the features
+    as `features_{encoder}/{slide}.h5` (`trident_features`, the same file as CLAM's h5);
+    returns the tile count per magnification.
 
     A magnification the slide lacks (or that has no tissue tile) gets empty `features`
     [0, D] and `coords` [0, 2], with the coords attributes, so loaders see zero tiles."""
@@ -69,7 +80,11 @@ def export_slide(embeddings_path, coords_paths, h5_paths, pt_paths, mags) -> lis
         groups = {float(g.attrs["magnification"]): (g["features"][:], g["coords"][:]) for g in h5.values()}
     dim = next((x.shape[1] for x, _ in groups.values()), 0)
     counts = []
-    for mag, coords_path, h5_path, pt_path in zip(mags, coords_paths, h5_paths, pt_paths):
+    trident_patches = trident_patches or [None] * len(mags)
+    trident_features = trident_features or [None] * len(mags)
+    for mag, coords_path, h5_path, pt_path, patches_path, features_path in zip(
+        mags, coords_paths, h5_paths, pt_paths, trident_patches, trident_features
+    ):
         coords, attrs = read_coords(coords_path)
         features, embedded_at = groups.get(float(mag), (np.zeros((0, dim), np.float32), np.zeros((0, 2), np.int64)))
         if not np.array_equal(coords, embedded_at):
@@ -86,5 +101,9 @@ def export_slide(embeddings_path, coords_paths, h5_paths, pt_paths, mags) -> lis
 
         write_atomic(h5_path, write_h5)
         write_atomic(pt_path, lambda tmp, features=features: torch.save(torch.from_numpy(features.astype(np.float32)), tmp))
+        if patches_path is not None:
+            write_atomic(patches_path, lambda tmp, src=coords_path: shutil.copyfile(src, tmp))
+        if features_path is not None:
+            write_atomic(features_path, write_h5)
         counts.append(len(features))
     return counts

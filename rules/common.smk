@@ -15,6 +15,7 @@ from madflow.manifest import (
     require_split,
 )
 from madflow.modes import get_mode
+from madflow.features import trident_folder
 from madflow.slides import mag_str
 from madflow.timm_names import unknown_archs
 
@@ -31,6 +32,8 @@ shell.prefix(
 RESULTS = "results"
 MAGS = sorted(float(m) for m in config["tiling"]["magnifications"])
 MAG_NAMES = [mag_str(m) for m in MAGS]
+# TRIDENT's job folder per magnification (snakemake features, docs/slides.md)
+TRIDENT_FOLDERS = [trident_folder(m, config["tiling"]["tile_px"]) for m in MAGS]
 # per-job requests (mem_mb, runtime, gpu, cpus_per_gpu) of each rule, from config `resources:`;
 # rules without an entry get `default` (docs/cluster.md)
 RESOURCES = config["resources"]

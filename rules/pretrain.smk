@@ -109,6 +109,15 @@ rule export_features:
             f"{RESULTS}/{{{{experiment}}}}/seed{{{{seed}}}}/features/{{mag}}x/pt_files/{{{{slide_id}}}}.pt",
             mag=MAG_NAMES,
         ),
+        # TRIDENT's job layout (Processor, a91fa84): patches/ and features_{encoder}/
+        trident_patches=expand(
+            f"{RESULTS}/{{{{experiment}}}}/seed{{{{seed}}}}/features/trident/{{folder}}/patches/{{{{slide_id}}}}_patches.h5",
+            folder=TRIDENT_FOLDERS,
+        ),
+        trident_features=expand(
+            f"{RESULTS}/{{{{experiment}}}}/seed{{{{seed}}}}/features/trident/{{folder}}/features_madflow_{{{{experiment}}}}/{{{{slide_id}}}}.h5",
+            folder=TRIDENT_FOLDERS,
+        ),
     log:
         f"{RESULTS}/logs/export_features/{{experiment}}_seed{{seed}}_{{slide_id}}.log",
     # CLAM's .pt files are written with torch.save

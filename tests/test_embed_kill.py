@@ -53,4 +53,7 @@ def test_kill_during_embed_then_rerun_incomplete_redoes_the_part(workdir):
     run_snakemake(workdir, "--cores", "1", target, "--rerun-incomplete")
     assert sorted(p.stem for p in (workdir / PART).iterdir() if not p.name.startswith(".")) == SLIDES
     assert (workdir / target).exists()
+    trident = workdir / "results/color_stats/seed0/features/trident/10x_64px_0px_overlap"
+    assert (trident / "patches" / f"{SLIDES[-1]}_patches.h5").exists()  # TRIDENT's layout beside CLAM's
+    assert (trident / "features_madflow_color_stats" / f"{SLIDES[-1]}.h5").exists()
     assert not [p for p in (workdir / PART).parent.iterdir() if p.name.startswith(".")]  # no stray partial

@@ -292,7 +292,7 @@ def test_exported_features_load_like_clam_and_trident_mil(tmp_path):
     h5_files/, the tensor in pt_files/; each feature is the one of the patch CLAM reads."""
     torch = pytest.importorskip("torch")
     from madflow.embed import build_encoder, embed_slide, l2_normalise
-    from madflow.features import export_slide
+    from madflow.features import export_slide, trident_folder
 
     path, slide, grid, coords = _tiled(tmp_path, "scan20", 0.4990)
     table = tmp_path / "scan20.parquet"
@@ -303,9 +303,17 @@ def test_exported_features_load_like_clam_and_trident_mil(tmp_path):
     out = tmp_path / "features"
     h5s = [out / f"{m:g}x" / "h5_files" / "scan20.h5" for m in MAGS]
     pts = [out / f"{m:g}x" / "pt_files" / "scan20.pt" for m in MAGS]
-    counts = export_slide(embedded, [coords[m] for m in MAGS], h5s, pts, MAGS)
+    trident = out / "trident"  # a TRIDENT job folder, as its Processor lays it out
+    patches = [trident / trident_folder(m, 64) / "patches" / "scan20_patches.h5" for m in MAGS]
+    feats = [trident / trident_folder(m, 64) / "features_madflow" / "scan20.h5" for m in MAGS]
+    assert [p.parent.parent.name for p in patches] == ["2.5x_64px_0px_overlap", "10x_64px_0px_overlap",
+                                                       "40x_64px_0px_overlap"]
+    counts = export_slide(embedded, [coords[m] for m in MAGS], h5s, pts, MAGS, patches, feats)
     assert counts[2] == 0 and min(counts[:2]) > 0  # 40x lacking on a 20x scan
-    for mag, h5_path, pt_path in zip(MAGS, h5s, pts):
+    for mag, h5_path, pt_path, patch_path, feat_path in zip(MAGS, h5s, pts, patches, feats):
+        assert patch_path.read_bytes() == coords[mag].read_bytes()
+        with h5py.File(feat_path, "r") as f, h5py.File(h5_path, "r") as g:
+            assert np.array_equal(f["features"][:], g["features"][:]) and np.array_equal(f["coords"][:], g["coords"][:])
         with h5py.File(h5_path, "r") as f:  # TRIDENT / CLAM h5_files
             features, xy, attrs = f["features"][:], f["coords"][:], dict(f["coords"].attrs)
         with h5py.File(coords[mag], "r") as f:
