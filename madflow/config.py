@@ -40,6 +40,9 @@ TRAIN_DEFAULTS = {
     "global_crop_scale": [0.5, 1.0],
     "local_crop_scale": [0.1, 0.4],
     "checkpoint_every": 50,
+    # timm's activation checkpointing of the student's backbone: memory for ~1/3 more compute
+    # (ViT-g at the paper's batch needs it: docs/cluster.md)
+    "activation_checkpointing": False,
     "num_workers": 1,
     "hed_jitter": 0.05,        # HED stain jitter: scale U(1-h, 1+h), shift U(-h, h) per stain
     "color_jitter": 0.1,       # brightness/contrast/saturation factors U(1-c, 1+c)

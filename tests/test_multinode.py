@@ -6,7 +6,8 @@ agents meeting at a c10d rendezvous on localhost, gloo on CPU, the pretrain rule
   and log as one agent of two processes (``--standalone --nproc_per_node=2``);
 - a rank killed with SIGKILL ends the run within a bounded time, and the run resumes from
   its last checkpoint at another world size (2 -> 1) with the same step, schedules, teacher
-  and optimiser state.
+  and optimiser state;
+- activation checkpointing (what lets ViT-g fit a GPU) changes memory, not results.
 """
 
 import json
@@ -22,7 +23,7 @@ import pandas as pd
 import pytest
 import torch
 
-from test_train import tiff_slide, tiny_cfg  # noqa: F401 - tiff_slide is a fixture
+from test_train import _train_tables, slides, tiff_slide, tiny_cfg  # noqa: F401 - fixtures
 
 from madflow.train.schedules import cosine_setting, lr_schedule
 
@@ -162,3 +163,16 @@ def test_global_batch_must_split_over_the_ranks(tiff_slide, tmp_path):  # noqa: 
                                                       "--nproc_per_node=3")],
                        capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode != 0 and "not divisible by the world size 3" in p.stdout + p.stderr
+
+
+def test_activation_checkpointing_changes_memory_not_results(slides, tmp_path):  # noqa: F811
+    plain = _train_tables(tiny_cfg(steps=3, checkpoint_every=0), slides, str(tmp_path / "plain"))["model"]
+    ckpt = _train_tables(tiny_cfg(steps=3, checkpoint_every=0, activation_checkpointing=True), slides,
+                         str(tmp_path / "ckpt"))["model"]
+    # the student's backbone recomputes its blocks in the backward; the teacher has no backward
+    assert ckpt.student.backbone.grad_checkpointing and not ckpt.teacher.backbone.grad_checkpointing
+    assert not plain.student.backbone.grad_checkpointing
+    for net in ("student", "teacher"):
+        a, b = getattr(plain, net).state_dict(), getattr(ckpt, net).state_dict()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (net, k)

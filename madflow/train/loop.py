@@ -55,6 +55,16 @@ def augmenter(train_cfg: dict) -> Augmenter:
                      blur_prob=float(train_cfg["blur_prob"]), tile_norm=bool(train_cfg["tile_norm"]))
 
 
+def checkpoint_activations(objective) -> None:
+    """timm's activation checkpointing in every trained timm network of an objective: a block
+    keeps only its input and recomputes its activations in the backward, for ~1/3 more compute
+    (what makes ViT-g fit a GPU: docs/cluster.md, bench/memory_per_gpu.py). Same results."""
+    for net in [m for m in vars(objective).values() if isinstance(m, torch.nn.Module)]:
+        for m in net.modules():
+            if hasattr(m, "set_grad_checkpointing") and any(p.requires_grad for p in m.parameters()):
+                m.set_grad_checkpointing(True)
+
+
 def _save_untrained(mode: Mode, model_cfg: dict, train_cfg: dict, img_size: int, out_dir: str,
                     experiment_name: str | None, seed: int, is_main: bool) -> dict:
     """Modes without training: random_init saves the untrained teacher backbone, color_stats
@@ -132,6 +142,8 @@ class _Run:
         self.encoder_path = os.path.join(out_dir, "encoder.pt")
         self.checkpoint_path = os.path.join(out_dir, "checkpoints", "last.pt")
         self.objective = OBJECTIVES[mode.objective](train_cfg, model_cfg, index, img_size, total, dev, world)
+        if train_cfg["activation_checkpointing"]:
+            checkpoint_activations(self.objective)
         self.warmup = int(round(float(train_cfg["warmup_frac"]) * total))
         self.lr = lr_schedule(float(train_cfg["lr"]), float(train_cfg["min_lr"]), self.warmup, total)
         self.wd = cosine_setting(train_cfg, "weight_decay", total)
