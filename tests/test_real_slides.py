@@ -13,7 +13,7 @@ import tifffile
 import yaml
 from PIL import Image
 
-from conftest import merged_config, run_snakemake
+from conftest import REPO, merged_config, run_snakemake
 from madflow.manifest import ManifestError, check_manifest
 from madflow.slides import BACKGROUND, SlideError, SlideReader, resolve_base_mag, snap_magnification
 from madflow.synth import write_pyramid
@@ -324,6 +324,14 @@ def test_exported_features_load_like_clam_and_trident_mil(tmp_path):
         if len(xy):
             patches = np.stack([_as_tile(p, 64).round().astype(np.uint8) for p in clam_read(path, coords[mag])])
             assert np.allclose(features, l2_normalise(encode(patches)), atol=2e-3)
+
+
+def test_docs_name_what_the_code_writes():
+    """docs/CONTRACTS.md and docs/slides.md once said patch_size = tile_px and embeddings in
+    embeddings/{slide_id}.h5; the code writes the pixels read at patch_level and part folders."""
+    slides, contracts = ((REPO / "docs" / name).read_text() for name in ("slides.md", "CONTRACTS.md"))
+    assert "embeddings/{slide_id}.h5" not in slides and "embeddings/part{k}/{slide_id}.h5" in slides
+    assert "`patch_size`\n(`tile_px`;" not in contracts and "(the pixels read at `patch_level`" in contracts
 
 
 def test_export_refuses_embeddings_of_other_tiles(tmp_path):
