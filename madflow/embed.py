@@ -1,6 +1,7 @@
 """Embeddings per slide per magnification (e_m(t) of docs/metrics.md): L2-normalised CLS
-embeddings of every tissue tile, read through the native tile reader, written in the
-TRIDENT `features`/`coords` layout (see docs/CONTRACTS.md)."""
+embeddings of every tissue tile, read through the native tile reader, written as one group
+per magnification with `features` and `coords` datasets (docs/CONTRACTS.md; `snakemake
+features` exports them in CLAM's and TRIDENT's layouts, madflow.features)."""
 
 from __future__ import annotations
 
