@@ -345,7 +345,9 @@ def pretrain_launcher(wildcards, resources, threads):
     a small single-process run). Several nodes (pretrain_resources): srun starts one torchrun
     agent per node; the agents meet at a c10d rendezvous on the job's first node, with the job
     id as rendezvous id, and form one process group of nodes x GPUs processes (CPU nodes: one
-    process per node). A dying task ends the whole step (--kill-on-bad-exit).
+    process per node). A dying task ends the whole step (--kill-on-bad-exit). The node list
+    comes from squeue: the plugin's job step hands the rule's shell the job id but not
+    SLURM_JOB_NODELIST (it drops the allocation's SLURM_* variables before a nested srun).
     """
     gpus = job_gpus(resources)
     nodes = int(resources.get("nodes", 1) or 1)
@@ -363,7 +365,7 @@ def pretrain_launcher(wildcards, resources, threads):
             f"srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --cpus-per-task={cpus}"
             f" --kill-on-bad-exit=1 torchrun --nnodes={nodes} --nproc_per_node={per_node}"
             " --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID --rdzv_endpoint="
-            '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+            '"$(scontrol show hostnames "$(squeue -h -j $SLURM_JOB_ID -o %N)" | head -n 1)'
             ':$((29500 + SLURM_JOB_ID % 1000))" --max_restarts=0'
         )
     if gpus > 1:

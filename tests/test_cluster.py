@@ -5,6 +5,7 @@ what an edit changes."""
 import re
 import shutil
 from datetime import datetime
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -143,3 +144,41 @@ def test_encoders_gpu_bound_and_rerun_triggers(tmp_path):
     dry = edit_config(tmp_path, lambda c: c["experiments"]["mad"].update(lr=5.0e-4))
     retrained = re.findall(r"rule pretrain:\n(?:    .*\n)*?    wildcards: experiment=(\w+)", dry)
     assert set(retrained) == {"mad"}, dry[-3000:]
+
+
+# -- pretraining over several nodes: the job Slurm gets and the command it runs ----------------
+def test_multi_node_pretraining_job(checked_workdir, tmp_path):
+    """`resources: {pretrain: {nodes: 4, gpu: 8}}`: the sbatch flags that the Slurm plugin's own
+    functions make of each pretrain job's resources, and the launch line of its shell."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    override = tmp_path / "four_nodes.yaml"
+    override.write_text(yaml.safe_dump({"resources": {"pretrain": {"nodes": 4, "gpu": 8}}}))
+    dry = run_snakemake(checked_workdir, "all", "-n", "-p", "--profile", "slurm", "--configfile",
+                        str(override)).stdout
+    jobs = job_resources(dry)
+    assert jobs["pretrain"] and all(job["nodes"] == "4" for job in jobs["pretrain"])
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    for job in jobs["pretrain"]:
+        res = Resources({k: int(v) if v.isdigit() else v for k, v in job.items()})
+        fake_job = SimpleNamespace(resources=res, threads=2)
+        params = {"run_uuid": "run", "slurm_logfile": "job.log", "comment_str": "rule_pretrain", "account": "",
+                  "partition": "", "workdir": "."}
+        flags = (get_submit_command(fake_job, params) + set_gres_string(fake_job)).split()
+        # 4 nodes, one task (a torchrun agent) on each, 8 GPUs and 64 CPUs on each
+        assert {"--nodes=4", "--ntasks=4", "--gres=gpu:8", "--cpus-per-gpu=8"} <= set(flags), flags
+        assert not [f for f in flags if f.startswith(("--gpus", "--ntasks-per-gpu", "--cpus-per-task"))], flags
+        assert flags[flags.index("--mem") + 1] == "64000"  # per node
+    srun = ("srun --nodes=4 --ntasks=4 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1"
+            " torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID"
+            ' --rdzv_endpoint="$(scontrol show hostnames "$(squeue -h -j $SLURM_JOB_ID -o %N)" | head -n 1)'
+            ':$((29500 + SLURM_JOB_ID % 1000))" --max_restarts=0')
+    # every DDP experiment over the 4 nodes; the supervised control, one process, on the first
+    launch = dict(re.findall(r"rule pretrain:\n(?:    .*\n)*?    wildcards: experiment=(\w+)[^\n]*\n(?:.*\n)*?"
+                             r"(?:^\s*|Shell command: )(srun .*?|torchrun .*?|python) -m madflow\.train", dry,
+                             flags=re.M))
+    assert launch["base"] == launch["mad"] == srun and launch["supervised"] == "python", launch

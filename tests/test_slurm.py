@@ -1,5 +1,7 @@
-"""The cluster path for real: `snakemake tiles --profile .ci/slurm-profile` on a single-node
-Slurm (the production profile slurm/ differs only in its status checks: see its comments).
+"""The cluster path for real: `snakemake tiles --profile .ci/slurm-profile` on a Slurm of two
+nodes on this host (the production profile slurm/ differs only in its status checks: see its
+comments), then a pretraining over both nodes (`resources: {pretrain: {nodes: 2}}`): one Slurm
+job, srun starting a torchrun agent on each node, a c10d rendezvous on the job's first node.
 
 The session fixture starts Slurm with `.ci/slurm.sh start` (root; installs slurm-wlm and munge
 with apt-get if missing). If that is impossible the tests are skipped with the script's reason
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytestmark = pytest.mark.slurm
@@ -50,6 +53,15 @@ SUBMITTED_RE = re.compile(
     r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: ([^)]*)\)"
 )
 RUN_ID_RE = re.compile(r"SLURM run ID: (\S+)")
+NODES = 2  # .ci/slurm.sh runs this many slurmd on this host
+# a pretraining over every node: CPU nodes (gloo), one torchrun process per node; a head
+# without batch norm (SyncBatchNorm, what DDP makes of it, needs CUDA)
+TWO_NODE_CONFIG = {
+    "resources": {"pretrain": {"nodes": NODES, "gpu": 0, "mem_mb": 1000, "runtime": 10}},
+    "model": {"head": {"use_bn": False}},
+    "train": {"steps": 4, "checkpoint_every": 2},
+    "experiments": {"base": {"steps": 4}},
+}
 
 
 def _env() -> dict[str, str]:
@@ -58,6 +70,7 @@ def _env() -> dict[str, str]:
     bins = [Path(sys.executable).parent, REPO / ".venv" / "bin"]
     path = [str(b) for b in bins if b.is_dir()]
     env["PATH"] = os.pathsep.join(path + [env.get("PATH", "")])
+    env["MADFLOW_SLURM_NODES"] = str(NODES)
     conf = SLURM_DIR / "etc" / "slurm.conf"
     if conf.is_file() and "SLURM_CONF" not in env:
         env["SLURM_CONF"] = str(conf)
@@ -169,29 +182,12 @@ def slurm_tiles_run(slurm_cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("slurm_wf")
     _copy_workflow(work)
     config_args, n_slides = _config_args(work)
-    cmd = [
-        "timeout",
-        "-k",
-        "10",
-        str(RUN_TIMEOUT_S),
-        *_snakemake(),
-        "tiles",  # the target first: --configfile takes every following word
-        "--profile",
-        PROFILE,
-        *config_args,
-        "--slurm-keep-successful-logs",  # keep per-job logs as evidence
-    ]
     t0 = time.monotonic()
-    try:
-        res = _sh(cmd, timeout=RUN_TIMEOUT_S + 30, cwd=work)
-        rc, out = res.returncode, res.stdout + res.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc, out = 124, f"{exc.stdout or ''}{exc.stderr or ''}"
+    # the target first: --configfile takes every following word
+    rc, out = _run_snakemake(work, "tiles", *config_args)
     wall_s = time.monotonic() - t0
     (work / "snakemake_slurm.log").write_text(out)
     run_id = RUN_ID_RE.search(out)
-    if rc != 0 and run_id:  # do not leave jobs of a failed/killed run queued
-        _sh(["scancel", "--name", run_id.group(1)])
     print(
         f"\nsnakemake tiles --profile {PROFILE}: exit {rc} in {wall_s:.1f} s (dir {work})"
     )
@@ -205,6 +201,22 @@ def slurm_tiles_run(slurm_cluster, tmp_path_factory):
         "run_id": run_id.group(1) if run_id else None,
         "config_args": config_args,
     }
+
+
+def _run_snakemake(work: Path, *args: str) -> tuple[int, str]:
+    """Snakemake with the test profile in `work`, bounded by RUN_TIMEOUT_S; its queued jobs
+    are cancelled if it fails."""
+    cmd = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), *_snakemake(), *args, "--profile", PROFILE,
+           "--slurm-keep-successful-logs"]  # keep per-job logs as evidence
+    try:
+        res = _sh(cmd, timeout=RUN_TIMEOUT_S + 30, cwd=work)
+        rc, out = res.returncode, res.stdout + res.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, out = 124, f"{exc.stdout or ''}{exc.stderr or ''}"
+    run_id = RUN_ID_RE.search(out)
+    if rc != 0 and run_id:  # do not leave jobs of a failed/killed run queued
+        _sh(["scancel", "--name", run_id.group(1)])
+    return rc, out
 
 
 def _tail(text: str, n: int = 60) -> str:
@@ -281,3 +293,44 @@ def test_jobs_really_ran_in_slurm(slurm_tiles_run):
     if run["n_slides"]:
         assert rules_seen.count("tile") == run["n_slides"], rules_seen
     assert (run["work"] / ".snakemake" / "slurm_logs" / "rule_tile").is_dir()
+
+
+@pytest.fixture(scope="session")
+def slurm_pretrain_run(slurm_tiles_run):
+    """After the tiles: stage 1 (`base`) pretrained over both nodes of the test cluster."""
+    run = slurm_tiles_run
+    if run["rc"] != 0:
+        pytest.skip("the Slurm tiles run failed (see test_tiles_run_succeeds_through_slurm)")
+    work = run["work"]
+    (work / "tests" / "config_two_nodes.yaml").write_text(yaml.safe_dump(TWO_NODE_CONFIG))
+    t0 = time.monotonic()
+    rc, out = _run_snakemake(work, "results/base/seed0/encoder.pt", *run["config_args"],
+                             "tests/config_two_nodes.yaml")
+    wall_s = time.monotonic() - t0
+    (work / "snakemake_slurm_pretrain.log").write_text(out)
+    print(f"\ntwo-node pretraining through Slurm: exit {rc} in {wall_s:.1f} s (dir {work})")
+    return {"rc": rc, "log": out, "work": work, "submitted": SUBMITTED_RE.findall(out)}
+
+
+def test_pretraining_over_two_nodes(slurm_pretrain_run):
+    run = slurm_pretrain_run
+    work = run["work"]
+    assert run["rc"] == 0, f"{_tail(run['log'])}\n{_failed_job_logs(work)}"
+    jobs = {job_id: _scontrol_job(job_id) for job_id, _ in run["submitted"]}
+    pretrain = [(job_id, info) for job_id, info in jobs.items()
+                if info.get("Comment", "").startswith("rule_pretrain")]
+    assert len(pretrain) == 1, jobs
+    job_id, info = pretrain[0]
+    # one Slurm job over both nodes, one task (a torchrun agent) on each
+    assert info["JobState"] == "COMPLETED" and info["NumNodes"] == str(NODES), info
+    assert info["NumTasks"] == str(NODES), info
+    res = work / "results" / "base" / "seed0"
+    # one process group over the two agents
+    checkpoint = torch.load(res / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["world_size"] == NODES and checkpoint["step"] == TWO_NODE_CONFIG["train"]["steps"]
+    assert (res / "encoder.pt").is_file()
+    # the command the job ran
+    slurm_log = next((work / ".snakemake" / "slurm_logs" / "rule_pretrain").rglob(f"{job_id}.log")).read_text()
+    assert f"srun --nodes={NODES} --ntasks={NODES} --ntasks-per-node=1" in slurm_log, slurm_log[-3000:]
+    assert f"torchrun --nnodes={NODES} --nproc_per_node=1 --rdzv_backend=c10d" in slurm_log
+    assert "--rdzv_id=$SLURM_JOB_ID" in slurm_log
