@@ -7,6 +7,8 @@ agents meeting at a c10d rendezvous on localhost, gloo on CPU, the pretrain rule
 - a rank killed with SIGKILL ends the run within a bounded time, and the run resumes from
   its last checkpoint at another world size (2 -> 1) with the same step, schedules, teacher
   and optimiser state;
+- a rank that hangs (SIGSTOP) ends the run once the process-group timeout
+  (MADFLOW_DIST_TIMEOUT_S) has passed;
 - activation checkpointing (what lets ViT-g fit a GPU) changes memory, not results.
 """
 
@@ -47,9 +49,9 @@ def trainer(config: str, table: str, out, *launch: str) -> list[str]:
             "--out", str(out), "--seed", "0", "--device", "cpu"]
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
+def start(cmd: list[str], **env_vars: str) -> subprocess.Popen:
     """``cmd`` at the lowest priority (nice execs: the process is cmd's own), one thread."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_vars)
     return subprocess.Popen(["nice", "-n", "19", *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -100,17 +102,45 @@ def workers(agent_pid: int) -> list[int]:
     return found
 
 
+def wait_for_checkpoint(agent: subprocess.Popen, out) -> None:
+    last = out / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 180
+    while not last.exists() and agent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert last.exists() and agent.poll() is None, "no checkpoint while the run was going"
+
+
+def test_hung_rank_ends_the_run_after_the_timeout(tiff_slide, tmp_path):  # noqa: F811
+    table, _ = tiff_slide
+    config = write_config(tmp_path / "config.json", steps=200, checkpoint_every=1)
+    out = tmp_path / "run"
+    agent = start(trainer(config, table, out, "--standalone", "--nproc_per_node=2", "--max_restarts=0"),
+                  MADFLOW_DIST_TIMEOUT_S="5")
+    wait_for_checkpoint(agent, out)
+    ranks = workers(agent.pid)
+    os.kill(ranks[-1], signal.SIGSTOP)  # alive, never answering
+    t0 = time.monotonic()
+    try:
+        log = agent.communicate(timeout=120)[0]
+    finally:
+        for pid in ranks:  # a stopped process outlives its agent's SIGTERM
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    ended_s = time.monotonic() - t0
+    print(f"rank 1 stopped: the run ended {ended_s:.1f} s later (exit {agent.returncode})")
+    assert agent.returncode != 0 and "timed out" in log.lower(), log[-3000:]
+    assert ended_s < 90
+
+
 def test_rank_killed_then_resumed_at_another_world_size(tiff_slide, tmp_path):  # noqa: F811
     table, _ = tiff_slide
     steps = 60
     config = write_config(tmp_path / "config.json", steps=steps, checkpoint_every=1)
     out = tmp_path / "run"
     agent = start(trainer(config, table, out, "--standalone", "--nproc_per_node=2", "--max_restarts=0"))
-    last = out / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 180
-    while not last.exists() and agent.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert last.exists() and agent.poll() is None, "no checkpoint while the run was going"
+    wait_for_checkpoint(agent, out)
     ranks = workers(agent.pid)
     assert len(ranks) == 2, ranks
     os.kill(ranks[-1], signal.SIGKILL)
