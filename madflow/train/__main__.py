@@ -3,7 +3,8 @@
     python -m madflow.train --config resolved.json --experiment mad \
         --tables results/tiles/a.parquet results/tiles/b.parquet --out results/mad/seed0 --seed 0
 
-Under ``torchrun --nproc_per_node=N`` it trains with DDP over N processes.
+Under ``torchrun`` (``--nproc_per_node=N``, on one node or several) it trains with DDP over
+every process of the job.
 """
 
 from __future__ import annotations
