@@ -148,13 +148,17 @@ def test_encoders_gpu_bound_and_rerun_triggers(tmp_path):
 
 # -- pretraining over several nodes: the job Slurm gets and the command it runs ----------------
 def test_multi_node_pretraining_job(checked_workdir, tmp_path):
-    """`resources: {pretrain: {nodes: 4, gpu: 8}}`: the sbatch flags that the Slurm plugin's own
-    functions make of each pretrain job's resources, and the launch line of its shell."""
+    """The 4 nodes x 8 GPUs recipe's cluster.yaml (docs/cluster.md, verbatim): the sbatch flags
+    that the Slurm plugin's own functions make of each pretrain job's resources, and the
+    launch line of its shell."""
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    override = tmp_path / "four_nodes.yaml"
-    override.write_text(yaml.safe_dump({"resources": {"pretrain": {"nodes": 4, "gpu": 8}}}))
+    recipe = re.search(r"cat > cluster\.yaml <<'EOF'\n(.*?)\nEOF\n", DOCS, flags=re.S).group(1)
+    assert yaml.safe_load(recipe)["resources"]["pretrain"] == {"nodes": 4, "gpu": 8, "cpus_per_gpu": 8,
+                                                               "mem_mb": 480000, "runtime": 2880}
+    override = tmp_path / "cluster.yaml"
+    override.write_text(recipe)
     dry = run_snakemake(checked_workdir, "all", "-n", "-p", "--profile", "slurm", "--configfile",
                         str(override)).stdout
     jobs = job_resources(dry)
@@ -172,7 +176,7 @@ def test_multi_node_pretraining_job(checked_workdir, tmp_path):
         # 4 nodes, one task (a torchrun agent) on each, 8 GPUs and 64 CPUs on each
         assert {"--nodes=4", "--ntasks=4", "--gres=gpu:8", "--cpus-per-gpu=8"} <= set(flags), flags
         assert not [f for f in flags if f.startswith(("--gpus", "--ntasks-per-gpu", "--cpus-per-task"))], flags
-        assert flags[flags.index("--mem") + 1] == "64000"  # per node
+        assert flags[flags.index("--mem") + 1] == "480000" and flags[flags.index("-t") + 1] == "2880"
     srun = ("srun --nodes=4 --ntasks=4 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1"
             " torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID"
             ' --rdzv_endpoint="$(scontrol show hostnames "$(squeue -h -j $SLURM_JOB_ID -o %N)" | head -n 1)'
