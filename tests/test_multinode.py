@@ -22,7 +22,6 @@ import time
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
 from test_train import _train_tables, slides, tiff_slide, tiny_cfg  # noqa: F401 - fixtures
