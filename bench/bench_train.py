@@ -9,6 +9,10 @@ in one process, with repeats interleaved so that background load hits every row 
   augment only         the Augmenter alone on an already read batch
   train step           the objective's step as training runs it (madflow.train.steps: student
                        fwd+bwd+clip+AdamW, teacher fwd, EMA update) on one augmented batch
+  train step (compile)  the same step with `train.compile: true` (torch.compile, inductor, of
+                       student and teacher); its one-off compilation time is printed below
+  train step (bf16)     the same step with `train.precision: bf16` (bf16 autocast on this device)
+  train step (compile + bf16)  both
   embed forward        the backbone's forward alone on the same images (what embedding does)
   GEMM (peak)          a 1024^3 fp32 matrix product: what this CPU's cores can do
   GEMM (model shape)   the qkv product of the student forward at the step's shape
@@ -85,7 +89,8 @@ def build_tables(workdir: Path, mags, tile_px: int, min_tissue: float) -> list[s
     return out
 
 
-PIPELINE_ROWS = ("loader (augmented)", "loader (no augment)", "augment only", "train step", "embed forward")
+TRAIN_ROWS = ("train step", "train step (compile)", "train step (bf16)", "train step (compile + bf16)")
+PIPELINE_ROWS = ("loader (augmented)", "loader (no augment)", "augment only", *TRAIN_ROWS, "embed forward")
 
 
 class Threads:
@@ -146,12 +151,28 @@ def main(argv=None) -> int:
     n_img = B + B * V
 
     # ---- model: the objective's own step, as training runs it ------------------------------
-    objective = OBJECTIVES[mode.objective](tcfg, mcfg, index, T, big, torch.device("cpu"))
-    objective.train_mode()
+    def make_objective(**settings):
+        torch.manual_seed(0)
+        built = OBJECTIVES[mode.objective]({**tcfg, **settings}, mcfg, index, T, big, torch.device("cpu"))
+        built.train_mode()
+        return built
+
+    objective = make_objective(compile="false", precision="fp32")
     batch = ds_aug.batch_for_step(0)
 
     def train_step(step: int) -> float:
         return objective.step(batch, step)["loss"]
+
+    variants = {"train step (compile)": dict(compile="true", precision="fp32"),
+                "train step (bf16)": dict(compile="false", precision="bf16"),
+                "train step (compile + bf16)": dict(compile="true", precision="bf16")}
+    variant_steps, compile_seconds = {}, {}
+    for name, settings in variants.items():
+        built = make_objective(**settings)
+        t0 = time.perf_counter()
+        built.step(batch, 0)  # compiles (where asked), warms up
+        compile_seconds[name] = time.perf_counter() - t0
+        variant_steps[name] = (lambda b: lambda s: b.step(batch, s)["loss"])(built)
 
     images = torch.cat([batch["teacher"].reshape(-1, 3, T, T), batch["student"].reshape(-1, 3, T, T)])
     backbone = objective.model.teacher.backbone
@@ -180,6 +201,7 @@ def main(argv=None) -> int:
         "augment only": dict(threads=load_threads,
                              fn=lambda s: aug(raw_all, np.random.default_rng([0, s, 0, 1]))),
         "train step": dict(threads=args.threads, fn=train_step),
+        **{name: dict(threads=args.threads, fn=fn) for name, fn in variant_steps.items()},
         "embed forward": dict(threads=args.threads, fn=embed_forward),
     }
     # warm-up (readers opened, allocator, first-call overheads)
@@ -212,7 +234,7 @@ def main(argv=None) -> int:
         "s/step (median)": statistics.median(times[name]),
         "s/step (min)": min(times[name]),
         "images/s": n_img / statistics.median(times[name]) if name in PIPELINE_ROWS else float("nan"),
-        "GFLOP/s": gemm_flop.get(name, step_flop if name == "train step" else float("nan"))
+        "GFLOP/s": gemm_flop.get(name, step_flop if name in TRAIN_ROWS else float("nan"))
         / statistics.median(times[name]) / 1e9,
     } for name, r in rows.items()])
     train_rate = float(tab.loc[tab.measurement == "train step", "images/s"].iloc[0])
@@ -233,6 +255,13 @@ def main(argv=None) -> int:
         rate = float(tab.loc[tab.measurement == name, "GFLOP/s"].iloc[0])
         print(f"train step {step_flop / 1e9:.1f} GFLOP at {step_rate:.1f} GFLOP/s = {step_rate / rate:.2f} of {name} "
               f"({rate:.1f} GFLOP/s)")
+    fp32_step = float(tab.loc[tab.measurement == "train step", "s/step (median)"].iloc[0])
+    for name, seconds in compile_seconds.items():
+        step_s = float(tab.loc[tab.measurement == name, "s/step (median)"].iloc[0])
+        gain = fp32_step - step_s
+        pays = f"pays off after {(seconds - step_s) / gain:.0f} steps" if gain > 0 else "never pays off (not faster)"
+        print(f"{name}: {fp32_step / step_s:.2f}x the fp32 step; first step {seconds:.1f} s "
+              f"(compilation and warm-up); {pays}")
     if nw == 0:
         print("note: num_workers = 0 loads in the training process, serially with the step; "
               "the ratio is then only indicative")

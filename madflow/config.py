@@ -25,6 +25,9 @@ TRAIN_DEFAULTS = {
     "student_temp": 0.1,
     "center_momentum": 0.9,
     "koleo_weight": 0.0,
+    # weight of the first-moment term between the children's and the parents' mean CLS token
+    # (cross-scale modes; beyond the paper: it removes a per-magnification offset)
+    "moment_weight": 0.0,
     # a batch-normalised head: "batch" normalises with each batch's statistics (DINO); "running"
     # uses the statistics of the start (stage 1), frozen, so that student and teacher, whose
     # batches hold different magnifications, are normalised alike
@@ -51,6 +54,12 @@ TRAIN_DEFAULTS = {
     "centering": "ema",        # "ema" (DINO centre) or "sinkhorn" (SwAV/DINOv2)
     "stop_after": None,        # stop (without final checkpoint) once this many steps are done
     "collapse_min_prototypes": 3,
+    # mixed precision of the step: auto = bf16 autocast on CUDA, fp32 on CPU (measured faster
+    # there at the demo's size: bench/bench_train.py); fp32 | bf16 force one everywhere
+    "precision": "auto",
+    # torch.compile of the student and teacher forward: auto = on CUDA only (on the demo's CPU
+    # step it saved ~3% for ~35 s of compilation); true | false
+    "compile": "auto",
     "seeds": [0],              # training seeds of the default run (the workflow's, not train()'s)
 }
 

@@ -506,6 +506,39 @@ def _offset_free_probe_metrics(d: _Data, probes: dict, Cs, cv_folds: int) -> lis
             if row["metric"] in ("probe_ba", "retention_cc") and row["scope"] in cross]
 
 
+def _offset_metrics(d: _Data) -> list:
+    """The per-magnification offset, for each pair a->b (a < b), on the test slides' tissue
+    tiles: |mean e_b - mean e_a| over the mean distance between the class means at a
+    (`mag_offset`: pure labelled tiles; needs labels) and over the mean distance of a tile to
+    its magnification's mean, averaged over a and b (`mag_offset_spread`: label-free). Below 1
+    the offset is smaller than what separates classes; a constant offset of that size is what
+    a probe fitted at one magnification cannot cross."""
+    rows = []
+    for a, b in ((i, j) for i in range(len(d.mags)) for j in range(i + 1, len(d.mags))):
+        scope = pair_str(d.mags[a], d.mags[b])
+        at_a, at_b = d.is_test & (d.level == a), d.is_test & (d.level == b)
+        if at_a.sum() < 2 or at_b.sum() < 2:
+            why = "undefined: fewer than 2 test tiles at one magnification"
+            rows += [_row("mag_offset", scope, note=why), _row("mag_offset_spread", scope, note=why)]
+            continue
+        mean_a, mean_b = d.X[at_a].mean(0), d.X[at_b].mean(0)
+        offset = float(np.linalg.norm(mean_b - mean_a))
+        spread = 0.5 * (np.linalg.norm(d.X[at_a] - mean_a, axis=1).mean()
+                        + np.linalg.norm(d.X[at_b] - mean_b, axis=1).mean())
+        rows.append(_row("mag_offset_spread", scope, offset / spread if spread > 0 else np.nan))
+        if not d.label_mode:
+            rows.append(_row("mag_offset", scope, note=d.why_no_labels))
+            continue
+        pure = at_a & d.labelled
+        means = np.array([d.X[pure & (d.y == c)].mean(0) for c in range(d.n_classes) if (pure & (d.y == c)).any()])
+        if len(means) < 2:
+            rows.append(_row("mag_offset", scope, note=f"undefined: fewer than 2 classes at {mag_str(d.mags[a])}x"))
+            continue
+        between = np.linalg.norm(means[:, None] - means[None], axis=-1)[np.triu_indices(len(means), 1)].mean()
+        rows.append(_row("mag_offset", scope, offset / between))
+    return rows
+
+
 def _retention_rows(mags, C: int, ba_point: dict, ba_boot: dict, notes: dict) -> list:
     r_rows, rcc_rows = [], []
     for a in mags:
@@ -702,7 +735,8 @@ def _evaluate(tiles, X, magnifications, min_purity, n_bootstrap, cv_folds, seed,
     seg_rows, artifacts["predictions"] = _segmentation_metrics(d, probes, notes, k)
     if pca and len(d.X) >= 2 and d.X.shape[1] >= 2:
         artifacts["pca"] = _pca_frame(d)
-    rows = probe_rows + _offset_free_probe_metrics(d, probes, Cs, cv_folds) + cluster_rows + hier_rows + seg_rows
+    rows = (probe_rows + _offset_free_probe_metrics(d, probes, Cs, cv_folds) + _offset_metrics(d) + cluster_rows
+            + hier_rows + seg_rows)
     return _explain_missing(pd.DataFrame(rows, columns=METRIC_COLUMNS)), artifacts
 
 

@@ -48,9 +48,13 @@ rule experiment_metrics:
 
 rule summary:
     input:
-        metrics=expand(f"{RESULTS}/{{experiment}}/metrics.tsv", experiment=EXPERIMENTS),
-        evaluations=[f"{RESULTS}/{e}/seed{SEEDS[0]}/metrics.json" for e in EXPERIMENTS],
-        cues=run_files("cross_scale_cue.tsv", SEEDS),
+        metrics=expand(
+            f"{RESULTS}/{{experiment}}/metrics.tsv", experiment=DEFAULT_EXPERIMENTS
+        ),
+        evaluations=[
+            f"{RESULTS}/{e}/seed{SEEDS[0]}/metrics.json" for e in DEFAULT_EXPERIMENTS
+        ],
+        cues=run_files("cross_scale_cue.tsv", DEFAULT_EXPERIMENTS, SEEDS),
     output:
         summary=report(
             f"{RESULTS}/summary.tsv",
@@ -81,7 +85,7 @@ rule multiseed_summary:
         evaluations=[
             f"{RESULTS}/{e}/seed{STUDY_SEEDS[0]}/metrics.json" for e in EXPERIMENTS
         ],
-        cues=run_files("cross_scale_cue.tsv", STUDY_SEEDS),
+        cues=run_files("cross_scale_cue.tsv", EXPERIMENTS, STUDY_SEEDS),
     output:
         summary=f"{RESULTS}/multiseed/summary.tsv",
         checks=f"{RESULTS}/multiseed/benchmark_checks.tsv",

@@ -1,5 +1,5 @@
-# Named targets: tiles, encoders, features, exp_<name> per experiment, multiseed, figures, report
-# (all: Snakefile).
+# Named targets: tiles, encoders, features, exp_<name> per experiment, study (= multiseed),
+# figures, report (all: Snakefile: the default experiments, train.seeds).
 
 
 rule tiles:
@@ -32,26 +32,34 @@ for _name in EXPERIMENTS:
             f"{RESULTS}/{_name}/metrics.tsv",
 
 
-rule multiseed:
+# the study: every experiment (each ablation, tri, the benchmark checks) over study.seeds
+rule study:
     input:
         f"{RESULTS}/multiseed/summary.tsv",
+
+
+rule multiseed:
+    input:
+        rules.study.input,
 
 
 rule figures:
     input:
         summary=f"{RESULTS}/summary.tsv",
-        metrics=expand(f"{RESULTS}/{{experiment}}/metrics.tsv", experiment=EXPERIMENTS),
+        metrics=expand(
+            f"{RESULTS}/{{experiment}}/metrics.tsv", experiment=DEFAULT_EXPERIMENTS
+        ),
         pca=expand(
             f"{RESULTS}/{{experiment}}/seed{SEEDS[0]}/pca.parquet",
-            experiment=EXPERIMENTS,
+            experiment=DEFAULT_EXPERIMENTS,
         ),
         predictions=expand(
             f"{RESULTS}/{{experiment}}/seed{SEEDS[0]}/predictions.parquet",
-            experiment=EXPERIMENTS,
+            experiment=DEFAULT_EXPERIMENTS,
         ),
         delta_hier=expand(
             f"{RESULTS}/{{experiment}}/seed{SEEDS[0]}/delta_hier.parquet",
-            experiment=EXPERIMENTS,
+            experiment=DEFAULT_EXPERIMENTS,
         ),
         train_logs=lambda wildcards: list(train_logs(wildcards).values()),
         tables=tile_tables,
@@ -74,7 +82,7 @@ rule figures:
     resources:
         **rule_resources("figures"),
     params:
-        experiments=EXPERIMENTS,
+        experiments=DEFAULT_EXPERIMENTS,
         seed=SEEDS[0],
         train_logs=train_logs,
         mags=MAGS,

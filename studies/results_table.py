@@ -1,27 +1,62 @@
 """The results tables of README.md and docs/results.md, printed as Markdown from a finished
-run's `summary.tsv` (one seed: 95% CIs from each experiment's `metrics.tsv`) or from
-`multiseed/summary.tsv` (mean ± sd over seeds), so that every number there can be checked
-against the run.
+run's `summary.tsv` (one seed: 95% CIs from each experiment's `metrics.tsv`), from
+`multiseed/summary.tsv` (mean ± sd over seeds), or from a study archived seed by seed in
+`studies/runs/<study>` (studies/archive_run.py), so that every number there can be checked.
 
     python studies/results_table.py results            # one seed, with CIs
-    python studies/results_table.py results/multiseed  # mean ± sd over the study's seeds"""
+    python studies/results_table.py results/multiseed  # mean ± sd over the study's seeds
+    python studies/results_table.py studies/runs/STUDY [--seeds 1 2 3]   # the archive
+
+An archive's seeds are combined only when their run.json carry one configuration hash; the
+table says which seeds, configuration and commits it combines."""
+import argparse
+import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from madflow.summary import summary_table  # noqa: E402
+
 LABELS = {"base": "base (stage 1)", "same_mag_scratch": "same_mag_scratch (check: from scratch)",
           "random_init": "random_init (floor)", "color_stats": "color_stats (floor)",
           "supervised": "supervised (positive control, labels)"}
-COLUMNS = ["BA(10->10)", "BA(10->40)", "BA(40->40)", "Rcc(10->40)", "BA(10->40) mag-centred", "BA(2.5->10)",
+COLUMNS = ["BA(10->10)", "BA(10->40)", "BA(40->40)", "Rcc(10->40)", "BA(10->40) mag-centred", "mag_offset(10->40)",
+           "BA(2.5->10)",
            "BA(2.5->40)", "AMI(2.5)", "AMI(10)", "AMI(40)", "mag_leakage", "Δhier(10->40)", "Δhier(2.5->10)",
            "Δhier(2.5->40)"]
 WITH_CI = {"BA(10->40)": ("probe_ba", "10->40"), "Δhier(10->40)": ("delta_hier", "10->40")}
 
 
-def main(folder: str) -> None:
-    folder = Path(folder)
-    summary = pd.read_csv(folder / "summary.tsv", sep="\t").set_index("experiment")
+def archive_summary(folder: Path, seeds: list[int] | None) -> pd.DataFrame:
+    """The summary (mean ± sd) of an archived study's seeds; refuses to mix configurations."""
+    runs = {int(p.parent.name[4:]): json.loads(p.read_text()) for p in sorted(folder.glob("seed*/run.json"))}
+    if seeds:
+        missing = sorted(set(seeds) - set(runs))
+        if missing:
+            raise SystemExit(f"{folder}: seed(s) {missing} not archived (have {sorted(runs)})")
+        runs = {s: r for s, r in runs.items() if s in seeds}
+    hashes = {r["config_sha256"] for r in runs.values()}
+    if len(hashes) != 1:
+        raise SystemExit(f"{folder}: the seeds ran under different configurations "
+                         f"{ {s: r['config_sha256'][:12] for s, r in runs.items()} }: pick seeds of one with --seeds")
+    tables = [pd.read_csv(p, sep="\t") for s in runs for p in sorted((folder / f"seed{s}").glob("*/metrics.tsv"))]
+    print(f"<!-- {folder}: seeds {sorted(runs)}, configuration {hashes.pop()[:12]}, commits "
+          f"{sorted({c for r in runs.values() for c in r['commit']})}, CPUs {sorted({r['cpu'] for r in runs.values()})} -->")
+    return summary_table(tables)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder")
+    ap.add_argument("--seeds", nargs="*", type=int, help="archive: the seeds to combine (default: all archived)")
+    args = ap.parse_args(argv)
+    folder = Path(args.folder)
+    if any(folder.glob("seed*/run.json")):
+        summary = archive_summary(folder, args.seeds).set_index("experiment")
+    else:
+        summary = pd.read_csv(folder / "summary.tsv", sep="\t").set_index("experiment")
     multi = int(summary["n_runs"].max()) > 1
     results = folder.parent if multi else folder
     cols = [c for c in COLUMNS if c in summary.columns]
@@ -32,7 +67,7 @@ def main(folder: str) -> None:
         for c in cols:
             if multi:
                 cells.append(f"{row[c]:.3f} ± {row[c + ' sd']:.3f}" if pd.notna(row[c + " sd"]) else f"{row[c]:.3f}")
-            elif c in WITH_CI:
+            elif c in WITH_CI and (results / exp / "metrics.tsv").is_file():
                 m = pd.read_csv(results / exp / "metrics.tsv", sep="\t").set_index(["metric", "scope"])
                 lo, hi = m.loc[WITH_CI[c], ["ci_low", "ci_high"]]
                 cells.append(f"{row[c]:.3f} [{lo:.2f}, {hi:.2f}]")
@@ -47,4 +82,4 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

@@ -96,6 +96,8 @@ def test_scopes_and_names(clean):
         "seg_miou": ["2.5", "10", "40"],
         "probe_ba_magcentred": [p for p in pairs if p.split("->")[0] != p.split("->")[1]],
         "retention_cc_magcentred": [p for p in pairs if p.split("->")[0] != p.split("->")[1]],
+        "mag_offset": ["2.5->10", "2.5->40", "10->40"],
+        "mag_offset_spread": ["2.5->10", "2.5->40", "10->40"],
     }
     for metric, scopes in expect.items():
         got = df.loc[df.metric == metric, "scope"].tolist()
@@ -139,6 +141,30 @@ def test_magcentred_probe_removes_exactly_a_per_magnification_offset():
     assert val(df, "retention_cc_magcentred", "10->40") > 0.9
     df, _ = M.evaluate(t, X, magnifications=MAGS, n_bootstrap=50)
     assert abs(val(df, "probe_ba_magcentred", "10->40") - val(df, "probe_ba", "10->40")) < 0.05
+
+
+def test_mag_offset_is_the_shift_over_the_class_spacing():
+    """A known 40x shift: mag_offset(10->40) = |shift| / mean distance between the 10x class
+    means (as computed by hand), ~0 without the shift; the label-free twin follows it."""
+    t, X = make_tiles(mode="class", noise=0.3)
+    shift = np.random.default_rng(7).normal(size=X.shape[1])
+    shift *= 0.8 / np.linalg.norm(shift)
+    shifted = X + np.where(t["mag"].to_numpy()[:, None] == 40.0, shift, 0.0)
+    df, _ = M.evaluate(t, shifted, magnifications=MAGS, n_bootstrap=20)
+    test = (t["split"] == "test").to_numpy()
+    at10, at40 = test & (t["mag"] == 10.0).to_numpy(), test & (t["mag"] == 40.0).to_numpy()
+    means = np.array([shifted[at10 & (t["label"] == c).to_numpy()].mean(0) for c in sorted(t["label"].unique())])
+    between = np.mean([np.linalg.norm(means[i] - means[j]) for i in range(3) for j in range(i + 1, 3)])
+    offset = np.linalg.norm(shifted[at40].mean(0) - shifted[at10].mean(0))
+    assert val(df, "mag_offset", "10->40") == pytest.approx(offset / between, rel=1e-6)
+    assert val(df, "mag_offset", "10->40") > 0.4 and val(df, "mag_offset_spread", "10->40") > 0.4
+    assert val(df, "mag_offset", "2.5->10") < 0.1  # only 40x moved
+    df, _ = M.evaluate(t, X, magnifications=MAGS, n_bootstrap=20)
+    assert val(df, "mag_offset", "10->40") < 0.1 and val(df, "mag_offset_spread", "10->40") < 0.1
+    # without labels only the label-free twin has a value, and the other says why
+    df, _ = M.evaluate(t.assign(label=None, label_purity=np.nan), shifted, magnifications=MAGS, n_bootstrap=20)
+    assert np.isnan(val(df, "mag_offset", "10->40")) and val(df, "mag_offset_spread", "10->40") > 0.4
+    assert df.loc[df.metric == "mag_offset", "note"].str.len().gt(0).all()
 
 
 def test_magnification_only_embeddings_leak():

@@ -639,3 +639,43 @@ def test_head_bn_running_keeps_the_starts_statistics(slides, tmp_path, head_bn):
     assert not torch.equal(model.student.head.mlp[0].weight, start["mlp.0.weight"])
     with pytest.raises(ValueError, match="head_bn"):
         _train_tables(tiny_cfg(steps=1, head_bn="frozen"), slides, str(tmp_path / "bad"))
+
+
+def test_mag_offset_is_logged_and_the_moment_term_lowers_it(slides, tmp_path):
+    logs = {}
+    for weight in (0.0, 50.0):
+        _train_tables(tiny_cfg(steps=6, checkpoint_every=0, moment_weight=weight), slides, str(tmp_path / f"w{weight}"))
+        logs[weight] = pd.read_csv(tmp_path / f"w{weight}" / "train_log.tsv", sep="\t")
+    assert (logs[0.0]["mag_offset"] > 0).all()
+    # same seed, same first batch: the same offset before the first update, then the term pulls it down
+    assert logs[50.0]["mag_offset"].iloc[0] == pytest.approx(logs[0.0]["mag_offset"].iloc[0])
+    assert logs[50.0]["mag_offset"].iloc[-3:].mean() < 0.5 * logs[0.0]["mag_offset"].iloc[-3:].mean()
+    # multi-crop stage 1 has no parent/child pair: no offset, an empty cell
+    _train_tables(tiny_cfg(steps=1, checkpoint_every=0), slides, str(tmp_path / "base"), exp="base")
+    assert pd.read_csv(tmp_path / "base" / "train_log.tsv", sep="\t")["mag_offset"].isna().all()
+
+
+def test_precision_and_compile_settings(slides, tmp_path):
+    for setting, value in (("precision", "fp16"), ("compile", "sometimes")):
+        with pytest.raises(ValueError, match=f"train.{setting}"):
+            _train_tables(tiny_cfg(steps=1, **{setting: value}), slides, str(tmp_path / "bad"))
+    cfg = tiny_cfg(steps=2, checkpoint_every=0)
+    default = _train_tables(cfg, slides, str(tmp_path / "default"))["model"].teacher.state_dict()
+    # on CPU "auto" is plain fp32, uncompiled: forcing both changes nothing
+    forced = _train_tables(tiny_cfg(steps=2, checkpoint_every=0, precision="fp32", compile=False), slides,
+                           str(tmp_path / "forced"))["model"].teacher.state_dict()
+    assert all(torch.equal(v, forced[k]) for k, v in default.items())
+    bf16 = _train_tables(tiny_cfg(steps=2, checkpoint_every=0, precision="bf16"), slides, str(tmp_path / "bf16"))
+    assert np.isfinite(pd.read_csv(tmp_path / "bf16" / "train_log.tsv", sep="\t")["loss"]).all()
+    assert not all(torch.equal(v, bf16["model"].teacher.state_dict()[k]) for k, v in default.items())
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_the_eager_one(slides, tmp_path):
+    """torch.compile changes how the step is computed, not what: weights after two steps agree
+    with the eager run to float rounding."""
+    eager = _train_tables(tiny_cfg(steps=2, checkpoint_every=0), slides, str(tmp_path / "eager"))
+    compiled = _train_tables(tiny_cfg(steps=2, checkpoint_every=0, compile=True), slides, str(tmp_path / "compiled"))
+    want = eager["model"].teacher.state_dict()
+    for k, v in compiled["model"].teacher.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-3, atol=1e-4)

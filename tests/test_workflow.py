@@ -21,7 +21,7 @@ def test_target_rules_include_every_experiment(workdir):
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     for name in config["experiments"]:
         assert f"exp_{name}" in out
-    for target in ("all", "tiles", "figures", "report", "multiseed"):
+    for target in ("all", "tiles", "figures", "report", "study", "multiseed"):
         assert target in out
 
 
@@ -46,6 +46,27 @@ def test_exp_target_builds_only_its_chain(workdir):
                         proc.stdout + proc.stderr)
     assert re.search(r"--experiment shuffled [^\n]*--init results/base/seed0/encoder\.pt", proc.stdout + proc.stderr)
     assert {e: cmd for cmd, e in launch} == {"shuffled": "torchrun", "base": "torchrun", "supervised": "python"}
+
+
+def test_default_target_runs_its_experiments_and_study_every_one_over_the_seeds(workdir):
+    run_snakemake(workdir, "--cores", "2", "manifest")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    pretrained = re.compile(r"^rule pretrain:.*?wildcards: experiment=(\w+), seed=(\d+)", flags=re.M | re.S)
+    default = set(pretrained.findall(run_snakemake(workdir, "-n", "--cores", "2").stdout))
+    assert {e for e, _ in default} == {"base", "mad", "shuffled", "random_init", "supervised"}
+    assert {s for _, s in default} == {str(s) for s in config["train"]["seeds"]}
+    study = set(pretrained.findall(run_snakemake(workdir, "-n", "--cores", "2", "study").stdout))
+    trained = {e for e, v in config["experiments"].items() if v.get("mode") != "color_stats"}
+    assert study == {(e, str(s)) for e in trained for s in config["study"]["seeds"]}
+    # a stage-2 experiment brings the stage it starts from into the default run
+    config["default_experiments"] = ["interp"]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    default = set(pretrained.findall(run_snakemake(workdir, "-n", "--cores", "2").stdout))
+    assert {e for e, _ in default} == {"base", "interp"}
+    config["default_experiments"] = ["nonesuch"]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = run_snakemake(workdir, "-n", "--cores", "2", check=False)
+    assert proc.returncode != 0 and "default_experiments names ['nonesuch']" in proc.stderr
 
 
 def test_tiles_end_to_end(workdir):
@@ -85,9 +106,12 @@ def test_whole_chain_end_to_end(workdir):
     assert 0 < float(re.search(r"training steps: ([0-9.]+)% of the CPU time", profile).group(1)) < 100
     assert re.search(r"run wall time .* 1 invocation\(s\), summed\): [0-9.]+ min", profile), profile
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    experiments = list(config["experiments"])
+    experiments = config["default_experiments"]
     summary = pd.read_csv(res / "summary.tsv", sep="\t")
     assert sorted(summary["experiment"]) == sorted(experiments)
+    checks = pd.read_csv(res / "benchmark_checks.tsv", sep="\t").set_index("experiment")
+    assert checks.loc["same_mag_scratch", "passed"].startswith("not run")  # a study experiment, said so
+    assert checks.loc["supervised", "passed"] in ("True", "False")
     for exp in experiments:
         metrics = pd.read_csv(res / exp / "metrics.tsv", sep="\t")
         assert list(metrics.columns[:7]) == [
@@ -100,6 +124,7 @@ def test_whole_chain_end_to_end(workdir):
         expected |= {("ami", s) for s in ["global", *MAGS]} | {("mag_leakage", "global")}
         expected |= {("delta_hier", p) for p in ["2.5->10", "10->40", "2.5->40"]}
         expected |= {("seg_miou", m) for m in MAGS}
+        expected |= {(name, p) for name in ("mag_offset", "mag_offset_spread") for p in ["2.5->10", "10->40"]}
         assert expected <= got, expected - got
         ba = metrics[metrics["metric"] == "probe_ba"]["value"]
         assert ba.between(0, 1).all()

@@ -20,7 +20,7 @@ import torch
 from madflow.model import atomic_torch_save
 
 LOG_COLUMNS = ["step", "pair", "loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy",
-               "kl_teacher_student", "prototypes_used", "seconds"]
+               "kl_teacher_student", "prototypes_used", "mag_offset", "seconds"]
 
 
 def rng_state() -> dict:

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from madflow.data.index import TileIndex
 from madflow.loss import DINOLoss, koleo_loss, teacher_temp_schedule
@@ -40,8 +41,60 @@ def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
             group["weight_decay"] = wd
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast_context(train_cfg: dict, device: torch.device):
+    """The step's mixed precision (`train.precision`): "auto" is bf16 autocast on CUDA and fp32
+    on CPU, where a bf16 step of the demo model measured slower than fp32 (bench/bench_train.py:
+    the casts around small matrices cost more than the faster bf16 products save)."""
+    precision = str(train_cfg.get("precision", "auto"))
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"train.precision must be auto, fp32 or bf16, not {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def compiled(module: torch.nn.Module, train_cfg: dict, device: torch.device):
+    """The module's forward compiled by torch.compile (inductor) when `train.compile` asks for it:
+    "auto" compiles on CUDA only (on CPU the demo step gained ~3% for ~35 s of compilation:
+    bench/bench_train.py); "true" everywhere. Parameters and state dicts stay the module's own.
+    Where no compiler works, the first step falls back to the plain module, with a warning."""
+    choice = str(train_cfg.get("compile", "auto")).lower()
+    if choice not in ("auto", "true", "false"):
+        raise ValueError(f"train.compile must be auto, true or false, not {choice!r}")
+    if choice == "false" or (choice == "auto" and device.type != "cuda"):
+        return module
+    return _CompiledWithFallback(module)
+
+
+class _CompiledWithFallback:
+    """Calls torch.compile(module); if compiling fails (no C++ compiler, an unsupported op),
+    logs why once and calls the module itself from then on."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.fn = module, torch.compile(module)
+
+    def __call__(self, *args, **kwargs):
+        if self.fn is not self.module:
+            try:
+                return self.fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - inductor raises many kinds; the fallback is the module
+                import logging
+
+                logging.getLogger("madflow.train").warning("torch.compile failed, training uncompiled: %s",
+                                                           str(err).splitlines()[0] if str(err) else type(err))
+                self.fn = self.module
+        return self.module(*args, **kwargs)
+
+
+def batch_offset(teacher_features: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
+    """Squared distance between the mean L2-normalised CLS token of the teacher's views (the
+    parents, one magnification) and of the student's child views (the next magnification):
+    the batch's per-magnification offset. Its square root is logged every step (`mag_offset`);
+    `moment_weight` adds it to the loss (a first-moment term beyond the paper, which pulls the
+    children's mean onto the teacher's). Gradients flow into the student only."""
+    parent_mean = F.normalize(teacher_features.detach().float(), dim=-1).mean(0)
+    child_mean = F.normalize(student_features.float().flatten(0, -2), dim=-1).mean(0)
+    return (child_mean - parent_mean).pow(2).sum()
 
 
 class DINOObjective:
@@ -64,6 +117,8 @@ class DINOObjective:
                                            betas=(0.9, 0.999))
         self.momentum = cosine_setting(train_cfg, "momentum", total)
         self.koleo_weight = float(train_cfg.get("koleo_weight") or 0.0)
+        self.moment_weight = float(train_cfg.get("moment_weight") or 0.0)
+        self.parent_view = bool(train_cfg.get("parent_view", True))
         self.freeze_last_layer_steps = int(train_cfg.get("freeze_last_layer_steps") or 0)
         self.clip = float(train_cfg.get("clip_grad") or 0.0)
         self.head_bn = str(train_cfg.get("head_bn", "batch"))
@@ -72,8 +127,10 @@ class DINOObjective:
         self.min_prototypes = min(int(train_cfg.get("collapse_min_prototypes", 3)), int(train_cfg["batch_parents"]))
         self.last_layer = [p for n, p in self.model.student.named_parameters() if "last_layer" in n]
         self.device, self.world = device, world
-        self.student = self.model.student  # DDP-wrapped by distribute()
-        self.autocast = _autocast(device)
+        self.train_cfg = train_cfg
+        self.student = compiled(self.model.student, train_cfg, device)  # DDP-wrapped by distribute()
+        self.teacher = compiled(self.model.teacher, train_cfg, device)
+        self.autocast = autocast_context(train_cfg, device)
 
     def distribute(self) -> None:
         """Wrap the student for DDP; a BN head's statistics become those of the global batch."""
@@ -81,7 +138,9 @@ class DINOObjective:
 
         self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
         self.model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.teacher)
-        self.student = DDP(self.model.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.student = compiled(DDP(self.model.student, device_ids=[self.device.index] if self.device.type == "cuda"
+                                    else None), self.train_cfg, self.device)
+        self.teacher = compiled(self.model.teacher, self.train_cfg, self.device)
 
     def train_mode(self) -> None:
         """Student in train mode; the teacher in eval mode as in DINOv2, unless its head has
@@ -130,12 +189,13 @@ class DINOObjective:
         teacher_in = batch["teacher"].to(self.device, non_blocking=True)
         student_in = batch["student"].to(self.device, non_blocking=True)
         B, V = student_in.shape[:2]
+        teacher_features = None
         with self.autocast:
             with torch.no_grad():
                 if teacher_in.dim() == 5:  # several teacher views (multi-crop): [B, G, K] out
-                    teacher_out = self.model.teacher(teacher_in.flatten(0, 1)).view(B, teacher_in.shape[1], -1)
+                    teacher_out = self.teacher(teacher_in.flatten(0, 1)).view(B, teacher_in.shape[1], -1)
                 else:
-                    teacher_out = self.model.teacher(teacher_in)
+                    teacher_features, teacher_out = self.teacher(teacher_in, return_features=True)
             features, student_out = self.student(student_in.flatten(0, 1), return_features=True)
         student_out = student_out.float().view(B, V, -1)
         loss = self.loss(student_out, teacher_out.float(), step)
@@ -143,6 +203,12 @@ class DINOObjective:
         if self.koleo_weight > 0:
             f = features.float().view(B, V, -1)
             total_loss = total_loss + self.koleo_weight * sum(koleo_loss(f[:, v]) for v in range(V)) / V
+        offset = torch.full((), float("nan"))
+        if teacher_features is not None:
+            offset_sq = batch_offset(teacher_features, features.view(B, V, -1)[:, :V - int(self.parent_view)])
+            offset = offset_sq.detach().sqrt()
+            if self.moment_weight > 0:
+                total_loss = total_loss + self.moment_weight * offset_sq
         self.optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
         if self.clip > 0:
@@ -152,19 +218,21 @@ class DINOObjective:
                 p.grad = None
         self.optimizer.step()
         self.model.update_teacher(float(self.momentum[step]))
-        return self._statistics(total_loss, step)
+        return self._statistics(total_loss, offset, step)
 
-    def _statistics(self, total_loss: torch.Tensor, step: int) -> dict:
-        """Loss, teacher entropy and KL (averaged over ranks), prototypes used (global batch)."""
+    def _statistics(self, total_loss: torch.Tensor, offset: torch.Tensor, step: int) -> dict:
+        """Loss, teacher entropy, KL and the batch's magnification offset (averaged over ranks),
+        prototypes used (global batch)."""
         stats = self.loss.last_stats
         vec = torch.stack([total_loss.detach().float(), stats["teacher_entropy"].float(),
-                           stats["kl_teacher_student"].float()])
+                           stats["kl_teacher_student"].float(), offset.float().to(total_loss.device)])
         vec = all_reduce_mean(vec, self.world).cpu()
         counts = all_reduce_sum(torch.bincount(stats["teacher_argmax"], minlength=self.n_prototypes).float(),
                                 self.world)
         return {"loss": float(vec[0]), "momentum": float(self.momentum[step]),
                 "teacher_temp": float(self.loss.teacher_temp(step)), "teacher_entropy": float(vec[1]),
-                "kl_teacher_student": float(vec[2]), "prototypes_used": int((counts > 0).sum())}
+                "kl_teacher_student": float(vec[2]), "prototypes_used": int((counts > 0).sum()),
+                "mag_offset": float(vec[3])}
 
     def collapse_reason(self, stats: dict) -> str | None:
         """Why this step looks collapsed (uniform teacher, or one prototype), or None."""
@@ -205,6 +273,8 @@ class SupervisedObjective:
         self.optimizer = torch.optim.AdamW(param_groups(self.net), lr=float(train_cfg["lr"]), betas=(0.9, 0.999))
         self.clip = float(train_cfg.get("clip_grad") or 0.0)
         self.device = device
+        self.forward = compiled(self.net, train_cfg, device)
+        self.autocast = autocast_context(train_cfg, device)
 
     def distribute(self) -> None:
         raise ValueError("the supervised control runs in one process")
@@ -230,8 +300,9 @@ class SupervisedObjective:
         return None
 
     def step(self, batch: dict, step: int) -> dict:
-        logits = self.net(batch["teacher"].to(self.device))
-        loss = torch.nn.functional.cross_entropy(logits, self.codes[batch["parents"]].to(self.device))
+        with self.autocast:
+            logits = self.forward(batch["teacher"].to(self.device))
+        loss = torch.nn.functional.cross_entropy(logits.float(), self.codes[batch["parents"]].to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip > 0:
