@@ -17,6 +17,9 @@
 #                         resolves: jobs use their first node as a rendezvous address), the
 #                         others <host>-n2, ...; each declares every CPU and the memory of the
 #                         machine (the nodes share them; enough for tests)
+#   MADFLOW_SLURM_GPUS    fake GPUs per node (default 0): Gres=gpu:N backed by device files
+#                         (mknod, NVIDIA's major 195) under $MADFLOW_SLURM_DIR/dev, so that jobs
+#                         ask for GPUs as on a real cluster and get CUDA_VISIBLE_DEVICES; no CUDA
 #   MADFLOW_SLURM_CTLD_PORT / MADFLOW_SLURM_D_PORT   ports (default 6817 / 6818, 6819, ... per node)
 #   MADFLOW_SLURM_MEM_MARGIN_MB   memory kept back from the node (default max(1024, 10%))
 #   MADFLOW_SLURM_TIMEOUT   seconds to wait for the node to become idle (default 60)
@@ -32,6 +35,7 @@ CTLD_PORT="${MADFLOW_SLURM_CTLD_PORT:-6817}"
 D_PORT="${MADFLOW_SLURM_D_PORT:-6818}"
 WAIT_S="${MADFLOW_SLURM_TIMEOUT:-60}"
 N_NODES="${MADFLOW_SLURM_NODES:-1}"
+N_GPUS="${MADFLOW_SLURM_GPUS:-0}"
 MUNGE_KEY=/etc/munge/munge.key
 MUNGE_SOCK_DIR=/run/munge
 MUNGED_PID="$MUNGE_SOCK_DIR/munged.pid"
@@ -154,13 +158,24 @@ SlurmdLogFile=${BASE}/log/slurmd.%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 EOF
-  local node port="$D_PORT"
+  local node port="$D_PORT" gres="" minor=0 i
+  if ((N_GPUS > 0)); then
+    echo "GresTypes=gpu" >>"$CONF"
+    gres=" Gres=gpu:${N_GPUS}"
+    mkdir -p "$BASE/dev"
+    : >"$BASE/etc/gres.conf"
+  fi
   for node in $(node_names); do
-    echo "NodeName=${node} NodeHostname=${host} NodeAddr=127.0.0.1 Port=${port} CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN" >>"$CONF"
+    echo "NodeName=${node} NodeHostname=${host} NodeAddr=127.0.0.1 Port=${port} CPUs=${cpus} RealMemory=${mem_mb}${gres} State=UNKNOWN" >>"$CONF"
     port=$((port + 1))
+    for ((i = 0; i < N_GPUS; i++)); do
+      [[ -e "$BASE/dev/nvidia$minor" ]] || mknod "$BASE/dev/nvidia$minor" c 195 "$minor"
+      echo "NodeName=${node} Name=gpu File=$BASE/dev/nvidia$minor" >>"$BASE/etc/gres.conf"
+      minor=$((minor + 1))
+    done
   done
   echo "PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >>"$CONF"
-  log "wrote $CONF (nodes $(node_names | paste -sd' ' -): CPUs=${cpus} RealMemory=${mem_mb} each)"
+  log "wrote $CONF (nodes $(node_names | paste -sd' ' -): CPUs=${cpus} RealMemory=${mem_mb} GPUs=${N_GPUS} each)"
 }
 
 link_system_conf() {

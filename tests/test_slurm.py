@@ -53,11 +53,12 @@ SUBMITTED_RE = re.compile(
     r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: ([^)]*)\)"
 )
 RUN_ID_RE = re.compile(r"SLURM run ID: (\S+)")
-NODES = 2  # .ci/slurm.sh runs this many slurmd on this host
-# a pretraining over every node: CPU nodes (gloo), one torchrun process per node; a head
+NODES = 2  # .ci/slurm.sh runs this many slurmd on this host, each with one fake GPU
+# a pretraining over every node, one GPU per node as a cluster job asks for it (--gres=gpu:1
+# --cpus-per-gpu=1); the GPUs are fake, so each process trains on CPU (gloo), with a head
 # without batch norm (SyncBatchNorm, what DDP makes of it, needs CUDA)
 TWO_NODE_CONFIG = {
-    "resources": {"pretrain": {"nodes": NODES, "gpu": 0, "mem_mb": 1000, "runtime": 10}},
+    "resources": {"pretrain": {"nodes": NODES, "gpu": 1, "cpus_per_gpu": 1, "mem_mb": 1000, "runtime": 10}},
     "model": {"head": {"use_bn": False}},
     "train": {"steps": 4, "checkpoint_every": 2},
     "experiments": {"base": {"steps": 4}},
@@ -71,6 +72,7 @@ def _env() -> dict[str, str]:
     path = [str(b) for b in bins if b.is_dir()]
     env["PATH"] = os.pathsep.join(path + [env.get("PATH", "")])
     env["MADFLOW_SLURM_NODES"] = str(NODES)
+    env["MADFLOW_SLURM_GPUS"] = "1"
     conf = SLURM_DIR / "etc" / "slurm.conf"
     if conf.is_file() and "SLURM_CONF" not in env:
         env["SLURM_CONF"] = str(conf)
@@ -321,9 +323,9 @@ def test_pretraining_over_two_nodes(slurm_pretrain_run):
                 if info.get("Comment", "").startswith("rule_pretrain")]
     assert len(pretrain) == 1, jobs
     job_id, info = pretrain[0]
-    # one Slurm job over both nodes, one task (a torchrun agent) on each
+    # one Slurm job over both nodes, one task (a torchrun agent) and one GPU on each
     assert info["JobState"] == "COMPLETED" and info["NumNodes"] == str(NODES), info
-    assert info["NumTasks"] == str(NODES), info
+    assert info["NumTasks"] == str(NODES) and info["TresPerNode"] == "gres:gpu:1", info
     res = work / "results" / "base" / "seed0"
     # one process group over the two agents
     checkpoint = torch.load(res / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
@@ -331,6 +333,7 @@ def test_pretraining_over_two_nodes(slurm_pretrain_run):
     assert (res / "encoder.pt").is_file()
     # the command the job ran
     slurm_log = next((work / ".snakemake" / "slurm_logs" / "rule_pretrain").rglob(f"{job_id}.log")).read_text()
-    assert f"srun --nodes={NODES} --ntasks={NODES} --ntasks-per-node=1" in slurm_log, slurm_log[-3000:]
+    assert f"srun --nodes={NODES} --ntasks={NODES} --ntasks-per-node=1 --cpus-per-task=1" in slurm_log, \
+        slurm_log[-3000:]
     assert f"torchrun --nnodes={NODES} --nproc_per_node=1 --rdzv_backend=c10d" in slurm_log
     assert "--rdzv_id=$SLURM_JOB_ID" in slurm_log
