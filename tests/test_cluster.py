@@ -186,3 +186,11 @@ def test_multi_node_pretraining_job(checked_workdir, tmp_path):
                              r"(?:^\s*|Shell command: )(srun .*?|torchrun .*?|python) -m madflow\.train", dry,
                              flags=re.M))
     assert launch["base"] == launch["mad"] == srun and launch["supervised"] == "python", launch
+
+
+def test_nodes_from_the_command_line_alone_are_refused(checked_workdir):
+    """`nodes` must come from a config file (the rule derives the job's tasks and GPUs from it
+    when it is parsed); a command-line `nodes` alone would hold N nodes and train on one."""
+    proc = run_snakemake(checked_workdir, "all", "-n", "-p", "--set-resources", "pretrain:nodes=2", check=False)
+    assert proc.returncode != 0
+    assert "set resources.pretrain.nodes in a config file" in proc.stdout + proc.stderr
