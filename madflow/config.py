@@ -34,6 +34,9 @@ TRAIN_DEFAULTS = {
     "head_bn": "batch",
     # the student also sees an augmented view of the parent (DINO's global-global term)
     "parent_view": True,
+    # cross-scale modes: "parent" = the teacher sees the parent only; "all" = it also scores the
+    # student's children and parent views, each view learning from every other (needs parent_view)
+    "teacher_views": "parent",
     # cross-scale modes: share of batches that are plain same-magnification DINO batches
     # (number, or [start, end] on a cosine over training)
     "same_mag_weight": 0.0,

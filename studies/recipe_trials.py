@@ -42,7 +42,8 @@ HEADLINE = {"BA10_10": ("probe_ba", "10->10"), "BA10_40": ("probe_ba", "10->40")
             "BA25_10": ("probe_ba", "2.5->10"), "BA40_10": ("probe_ba", "40->10"),
             "Rcc10_40": ("retention_cc", "10->40"), "AMI": ("ami", "global"),
             "leak": ("mag_leakage", "global"), "dh10_40": ("delta_hier", "10->40"),
-            "dh25_10": ("delta_hier", "2.5->10")}
+            "dh25_10": ("delta_hier", "2.5->10"), "off10_40": ("mag_offset", "10->40"),
+            "offs10_40": ("mag_offset_spread", "10->40")}
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict, dict]:
@@ -113,6 +114,8 @@ def record(name: str, seconds: float, encode, manifest: pd.DataFrame, train_log:
         last = pd.read_csv(train_log, sep="\t").tail(10)
         result["ent"] = round(float(last["teacher_entropy"].mean()), 2)
         result["protos"] = float(last["prototypes_used"].mean())
+        if "mag_offset" in last:  # the training batches' offset (train_log.tsv), last 10 steps
+            result["batch_offset"] = round(float(last["mag_offset"].mean()), 3)
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
     with open(REPO / "studies" / "recipe_trials.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")

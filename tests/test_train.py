@@ -679,3 +679,26 @@ def test_compiled_step_matches_the_eager_one(slides, tmp_path):
     want = eager["model"].teacher.state_dict()
     for k, v in compiled["model"].teacher.state_dict().items():
         torch.testing.assert_close(v, want[k], rtol=1e-3, atol=1e-4)
+
+
+def test_teacher_views_all_scores_every_student_view(slides, tmp_path):
+    """teacher_views: all — the teacher's outputs cover every student view (children and the
+    parent view), so the loss pairs each view with every other; it needs the parent view."""
+    from madflow.train.steps import DINOObjective
+
+    cfg = tiny_cfg(steps=2, checkpoint_every=0, teacher_views="all")
+    _train_tables(cfg, slides, str(tmp_path / "all"))
+    log = pd.read_csv(tmp_path / "all" / "train_log.tsv", sep="\t")
+    assert np.isfinite(log["loss"]).all() and (log["mag_offset"] > 0).all()
+    index = D.TileIndex(D.load_tables(slides))
+    from madflow.config import resolve_train_config
+
+    _, train_cfg, model_cfg = resolve_train_config(cfg, {})
+    objective = DINOObjective(train_cfg, model_cfg, index, T, 2, torch.device("cpu"))
+    batch = D.MADBatchDataset(index, "mad", train_cfg["pairs"], 8, 4, 0, 2, reader_factory=NpyReader).batch_for_step(0)
+    objective.train_mode()
+    objective.step(batch, 0)
+    # the multi-view loss saw a [B, V, K] teacher: entropy averaged over B x V teacher outputs
+    assert objective.loss.last_stats["teacher_argmax"].numel() == 8 * batch["student"].shape[1]
+    with pytest.raises(ValueError, match="teacher_views"):
+        _train_tables(tiny_cfg(steps=1, teacher_views="all", parent_view=False), slides, str(tmp_path / "bad"))

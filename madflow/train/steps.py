@@ -119,6 +119,10 @@ class DINOObjective:
         self.koleo_weight = float(train_cfg.get("koleo_weight") or 0.0)
         self.moment_weight = float(train_cfg.get("moment_weight") or 0.0)
         self.parent_view = bool(train_cfg.get("parent_view", True))
+        self.teacher_views = str(train_cfg.get("teacher_views", "parent"))
+        if self.teacher_views not in ("parent", "all") or (self.teacher_views == "all" and not self.parent_view):
+            raise ValueError(f"train.teacher_views must be 'parent' or 'all' (which needs parent_view: true), "
+                             f"not {self.teacher_views!r}")
         self.freeze_last_layer_steps = int(train_cfg.get("freeze_last_layer_steps") or 0)
         self.clip = float(train_cfg.get("clip_grad") or 0.0)
         self.head_bn = str(train_cfg.get("head_bn", "batch"))
@@ -133,11 +137,12 @@ class DINOObjective:
         self.autocast = autocast_context(train_cfg, device)
 
     def distribute(self) -> None:
-        """Wrap the student for DDP; a BN head's statistics become those of the global batch."""
+        """Wrap the student for DDP; on GPUs a BN head's statistics become those of the global batch."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
-        self.model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.teacher)
+        if self.device.type == "cuda":  # SyncBatchNorm runs on GPU modules only; on CPU each rank keeps its own
+            self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
+            self.model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.teacher)
         self.student = compiled(DDP(self.model.student, device_ids=[self.device.index] if self.device.type == "cuda"
                                     else None), self.train_cfg, self.device)
         self.teacher = compiled(self.model.teacher, self.train_cfg, self.device)
@@ -194,6 +199,12 @@ class DINOObjective:
             with torch.no_grad():
                 if teacher_in.dim() == 5:  # several teacher views (multi-crop): [B, G, K] out
                     teacher_out = self.teacher(teacher_in.flatten(0, 1)).view(B, teacher_in.shape[1], -1)
+                elif self.teacher_views == "all":
+                    # the teacher scores every student view (children and the parent view, the last),
+                    # and each view learns from every other's: parent -> children and back
+                    teacher_features, teacher_out = self.teacher(student_in.flatten(0, 1), return_features=True)
+                    teacher_out = teacher_out.view(B, V, -1)
+                    teacher_features = teacher_features.view(B, V, -1)[:, -1]
                 else:
                     teacher_features, teacher_out = self.teacher(teacher_in, return_features=True)
             features, student_out = self.student(student_in.flatten(0, 1), return_features=True)
