@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from madflow.config import deep_merge
 from madflow.model import MADModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,17 +32,9 @@ GB = 1e9
 
 
 def merged(*files: Path) -> dict:
-    def merge(base, new):
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(base.get(key), dict):
-                merge(base[key], value)
-            else:
-                base[key] = copy.deepcopy(value)
-        return base
-
     cfg: dict = {}
     for f in files:
-        merge(cfg, yaml.safe_load(f.read_text()))
+        deep_merge(cfg, yaml.safe_load(f.read_text()))
     return cfg
 
 

@@ -70,6 +70,16 @@ TRAIN_DEFAULTS = {
 _EXPERIMENT_META_KEYS = {"mode", "model", "name", "description", "encoder", "doc"}
 
 
+def deep_merge(base: dict, new: dict) -> dict:
+    """``new`` merged into ``base`` in place, mapping by mapping (what --configfile layering does)."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
 def resolve_train_config(cfg: dict, experiment: dict) -> tuple[Mode, dict, dict]:
     """-> (mode, train settings, model settings) of one experiment: TRAIN_DEFAULTS, then the
     config's `train:`, then the experiment's own overrides (model settings merged per key)."""

@@ -1,4 +1,3 @@
-import copy
 import os
 import subprocess
 import sys
@@ -7,23 +6,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from madflow.config import deep_merge
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def merged_config(*overrides: dict) -> dict:
     """config.yaml with nested overrides applied (what --configfile does)."""
 
-    def merge(base, new):
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(base.get(key), dict):
-                merge(base[key], value)
-            else:
-                base[key] = copy.deepcopy(value)
-        return base
-
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     for o in overrides:
-        merge(config, o)
+        deep_merge(config, o)
     return config
 
 
