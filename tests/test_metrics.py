@@ -274,12 +274,12 @@ def test_label_free_path():
     t, X = make_tiles(labels=False, noise=0.5)
     df, art = M.evaluate(t, X, magnifications=MAGS, n_bootstrap=50, n_clusters=4)
     labelled = df.metric.isin(["probe_ba", "probe_f1", "retention", "retention_cc", "ami",
-                               "seg_miou", "probe_ba_magcentred", "retention_cc_magcentred"])
+                               "seg_miou", "probe_ba_magcentred", "retention_cc_magcentred", "mag_offset"])
     assert df.loc[labelled, "value"].isna().all()
     assert (df.loc[labelled, "note"] == M.NO_LABELS).all()
     free = df[~labelled]
     assert set(free.metric) == {"dbi", "mag_leakage", "delta_hier", "sim_aligned",
-                                "sim_random", "seg_consistency"}
+                                "sim_random", "seg_consistency", "mag_offset_spread"}
     assert free.value.notna().all()
     assert (free.note == "").all()
     assert art["labelled"] is False
