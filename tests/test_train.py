@@ -423,7 +423,7 @@ def test_train_writes_outputs_and_is_deterministic(slides, tmp_path):
     assert meta["arch"] == "vit_small_patch16_224" and meta["img_size"] == T and meta["steps"] == 3
     logdf = pd.read_csv(tmp_path / "a" / "train_log.tsv", sep="\t")
     assert list(logdf.columns) == ["step", "pair", "loss", "lr", "wd", "momentum", "teacher_temp",
-                                   "teacher_entropy", "kl_teacher_student", "prototypes_used", "seconds"]
+                                   "teacher_entropy", "kl_teacher_student", "prototypes_used", "mag_offset", "seconds"]
     assert logdf.step.tolist() == [0, 1, 2]
     assert set(logdf.pair) <= {"2.5->10", "10->40"}
     assert np.isfinite(logdf.loss).all() and (logdf.prototypes_used >= 1).all()

@@ -66,7 +66,7 @@ def test_default_target_runs_its_experiments_and_study_every_one_over_the_seeds(
     config["default_experiments"] = ["nonesuch"]
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     proc = run_snakemake(workdir, "-n", "--cores", "2", check=False)
-    assert proc.returncode != 0 and "default_experiments names ['nonesuch']" in proc.stderr
+    assert proc.returncode != 0 and "default_experiments names ['nonesuch']" in proc.stdout + proc.stderr
 
 
 def test_tiles_end_to_end(workdir):
