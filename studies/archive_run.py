@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--experiments", nargs="*", help="default: every experiment with this seed's metrics.tsv")
     ap.add_argument("--threads", type=int, default=2, help="threads of the GEMM measurement (the training's)")
+    ap.add_argument("--gemm-gflops", type=float, default=None,
+                    help="this machine's GEMM rate as measured quietly (bench/bench_train.py 'GEMM (peak)'); "
+                         "default: measured now")
     args = ap.parse_args(argv)
     results = Path(args.results)
     names = args.experiments or sorted(p.parent.parent.name for p in results.glob(f"*/seed{args.seed}/metrics.tsv"))
@@ -86,9 +89,8 @@ def main(argv=None) -> int:
     configs, commits, experiments = {}, set(), {}
     for name in names:
         run = results / name / f"seed{args.seed}"
-        missing = [f for f in RUN_FILES[:1] if not (run / f).is_file()]
-        if missing:
-            raise SystemExit(f"{run}: no {missing[0]} (the experiment has not finished)")
+        if not (run / "metrics.tsv").is_file():
+            raise SystemExit(f"{run}: no metrics.tsv (the experiment has not finished)")
         provenance = json.loads((results / name / "provenance.json").read_text())
         configs[name] = config_sha256(provenance["config"])
         commits.add((provenance["git_commit"], bool(provenance["git_dirty"])))
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
         "commit": sorted(c for c, _ in commits),
         "dirty": any(d for _, d in commits),
         "cpu": cpu_model(),
-        "gemm_gflops_fp32": round(gemm_gflops(args.threads), 1),
+        "gemm_gflops_fp32": round(args.gemm_gflops or gemm_gflops(args.threads), 1),
+        "gemm_source": "given (bench/bench_train.py)" if args.gemm_gflops else "measured at archiving",
         "gemm_threads": args.threads,
         "experiments": experiments,
         "archived": datetime.now(timezone.utc).isoformat(timespec="seconds"),
