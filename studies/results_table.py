@@ -8,7 +8,10 @@ run's `summary.tsv` (one seed: 95% CIs from each experiment's `metrics.tsv`), fr
     python studies/results_table.py studies/runs/STUDY [--seeds 1 2 3]   # the archive
 
 An archive's seeds are combined only when their run.json carry one configuration hash; the
-table says which seeds, configuration and commits it combines."""
+table says which seeds, configuration and commits it combines. For an archive it then prints
+the study's goal, fixed before its seeds ran: each method's raw BA(10->40) against each
+control, seed by seed, "above" where the gap of the means exceeds the larger of the two seed
+standard deviations, and the method's Rcc(10->40) against 0.5."""
 import argparse
 import json
 import sys
@@ -26,6 +29,10 @@ COLUMNS = ["BA(10->10)", "BA(10->40)", "BA(40->40)", "Rcc(10->40)", "BA(10->40) 
            "BA(2.5->10)",
            "BA(2.5->40)", "AMI(2.5)", "AMI(10)", "AMI(40)", "mag_leakage", "Δhier(10->40)", "Δhier(2.5->10)",
            "Δhier(2.5->40)"]
+# the study's goal (issue: MAD's alignment must reach the encoder), fixed before seeds 1-3 ran
+GOAL_METHODS = ("mad", "mad_teacher_all")
+GOAL_CONTROLS = ("base", "same_mag", "shuffled", "interp")
+GOAL_RCC = 0.5
 WITH_CI = {"BA(10->40)": ("probe_ba", "10->40"), "Δhier(10->40)": ("delta_hier", "10->40")}
 
 
@@ -44,7 +51,48 @@ def archive_summary(folder: Path, seeds: list[int] | None) -> pd.DataFrame:
     tables = [pd.read_csv(p, sep="\t") for s in runs for p in sorted((folder / f"seed{s}").glob("*/metrics.tsv"))]
     print(f"<!-- {folder}: seeds {sorted(runs)}, configuration {hashes.pop()[:12]}, commits "
           f"{sorted({c for r in runs.values() for c in r['commit']})}, CPUs {sorted({r['cpu'] for r in runs.values()})} -->")
-    return summary_table(tables)
+    return summary_table(tables), tables
+
+
+def per_seed(tables: list[pd.DataFrame], metric: str, scope: str) -> pd.DataFrame:
+    """One metric's value per seed (rows) and experiment (columns)."""
+    rows = pd.concat(tables)
+    rows = rows[(rows["metric"] == metric) & (rows["scope"].astype(str) == scope)]
+    return rows.pivot_table(index="seed", columns="experiment", values="value")
+
+
+def goal_rows(ba: pd.DataFrame, method: str, controls=GOAL_CONTROLS) -> list[dict]:
+    """The method's BA(10->40) against each control over the seeds both ran: the gap of the
+    means, the seed spread (the larger sd) and the paired per-seed differences."""
+    rows = []
+    for control in controls:
+        if control not in ba:
+            continue
+        both = ba[[method, control]].dropna()
+        m, c = both[method], both[control]
+        spread = max(m.std(), c.std()) if len(both) > 1 else float("nan")
+        gap = m.mean() - c.mean()
+        rows.append({"control": control, "seeds": len(both), "method": f"{m.mean():.3f} ± {m.std():.3f}",
+                     "control_value": f"{c.mean():.3f} ± {c.std():.3f}", "gap": gap, "spread": spread,
+                     "differences": " / ".join(f"{d:+.3f}" for d in m - c),
+                     "above": bool(len(both) > 1 and gap > spread)})
+    return rows
+
+
+def print_goal(tables: list[pd.DataFrame]) -> None:
+    ba = per_seed(tables, "probe_ba", "10->40")
+    rcc = per_seed(tables, "retention_cc", "10->40")
+    offset = per_seed(tables, "mag_offset", "10->40")
+    for method in (m for m in GOAL_METHODS if m in ba):
+        print(f"\n**Goal, `{method}`** (raw BA(10->40), seeds {sorted(ba[method].dropna().index)}): "
+              f"Rcc(10->40) {rcc[method].mean():.3f} ± {rcc[method].std():.3f} "
+              f"({'>=' if rcc[method].mean() >= GOAL_RCC else '<'} {GOAL_RCC}), offset ratio "
+              f"{offset[method].mean():.3f} ± {offset[method].std():.3f}\n")
+        print(f"| control | seeds | {method} | control | gap of means | seed spread (larger sd) | "
+              "per-seed difference | above by more than the spread |\n|---|---|---|---|---|---|---|---|")
+        for r in goal_rows(ba, method):
+            print(f"| {r['control']} | {r['seeds']} | {r['method']} | {r['control_value']} | {r['gap']:+.3f} | "
+                  f"{r['spread']:.3f} | {r['differences']} | {'yes' if r['above'] else 'no'} |")
 
 
 def main(argv=None) -> None:
@@ -53,8 +101,10 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", nargs="*", type=int, help="archive: the seeds to combine (default: all archived)")
     args = ap.parse_args(argv)
     folder = Path(args.folder)
+    tables = None
     if any(folder.glob("seed*/run.json")):
-        summary = archive_summary(folder, args.seeds).set_index("experiment")
+        summary, tables = archive_summary(folder, args.seeds)
+        summary = summary.set_index("experiment")
     else:
         summary = pd.read_csv(folder / "summary.tsv", sep="\t").set_index("experiment")
     multi = int(summary["n_runs"].max()) > 1
@@ -79,6 +129,8 @@ def main(argv=None) -> None:
         print("\n| experiment | metric | value | check | passed |\n|---|---|---|---|---|")
         for _, r in pd.read_csv(checks, sep="\t").iterrows():
             print(f"| {r.experiment} | {r.metric} | {r.value:.3f} | {r.check.replace('|', chr(92) + '|')} | {r.passed} |")
+    if tables is not None:
+        print_goal(tables)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""The study archive's table: seeds of one configuration only, and the goal read seed by seed."""
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+import results_table  # noqa: E402
+
+
+def metrics(experiment, seed, ba, rcc=0.1, offset=1.0):
+    rows = [("probe_ba", "10->40", ba), ("retention_cc", "10->40", rcc), ("mag_offset", "10->40", offset)]
+    return pd.DataFrame([{"experiment": experiment, "encoder": "e", "metric": m, "scope": s, "value": v,
+                          "ci_low": None, "ci_high": None, "note": None, "seed": seed} for m, s, v in rows])
+
+
+def test_goal_needs_the_gap_beyond_the_larger_seed_spread():
+    tables = [metrics("mad", s, ba) for s, ba in zip((1, 2, 3), (0.40, 0.30, 0.35))]
+    tables += [metrics("base", s, ba) for s, ba in zip((1, 2, 3), (0.24, 0.23, 0.22))]  # gap 0.12 > sd 0.05
+    tables += [metrics("shuffled", s, ba) for s, ba in zip((1, 2, 3), (0.34, 0.27, 0.32))]  # gap 0.04 < sd 0.05
+    rows = {r["control"]: r for r in results_table.goal_rows(results_table.per_seed(tables, "probe_ba", "10->40"), "mad")}
+    assert set(rows) == {"base", "shuffled"}  # controls that did not run are not invented
+    assert rows["base"]["above"] and rows["base"]["gap"] == pytest.approx(0.12)
+    assert not rows["shuffled"]["above"] and rows["shuffled"]["spread"] == pytest.approx(0.05)
+    assert rows["shuffled"]["differences"] == "+0.060 / +0.030 / +0.030"
+
+
+def test_one_seed_is_never_above():
+    ba = results_table.per_seed([metrics("mad", 0, 0.9), metrics("base", 0, 0.2)], "probe_ba", "10->40")
+    (row,) = results_table.goal_rows(ba, "mad")
+    assert not row["above"]
+
+
+def test_archive_refuses_seeds_of_two_configurations(tmp_path):
+    for seed, sha in ((1, "a" * 64), (2, "b" * 64)):
+        (tmp_path / f"seed{seed}" / "mad").mkdir(parents=True)
+        metrics("mad", seed, 0.3).to_csv(tmp_path / f"seed{seed}" / "mad" / "metrics.tsv", sep="\t", index=False)
+        (tmp_path / f"seed{seed}" / "run.json").write_text(json.dumps(
+            {"config_sha256": sha, "commit": ["c"], "cpu": "x"}))
+    with pytest.raises(SystemExit, match="different configurations"):
+        results_table.archive_summary(tmp_path, None)
+    with pytest.raises(SystemExit, match=r"seed\(s\) \[3\] not archived"):
+        results_table.archive_summary(tmp_path, [1, 3])
