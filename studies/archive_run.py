@@ -91,7 +91,10 @@ def main(argv=None) -> int:
         run = results / name / f"seed{args.seed}"
         if not (run / "metrics.tsv").is_file():
             raise SystemExit(f"{run}: no metrics.tsv (the experiment has not finished)")
-        provenance = json.loads((results / name / "provenance.json").read_text())
+        provenance_file = results / name / "provenance.json"
+        if not provenance_file.is_file():  # per-seed targets do not ask for it; `exp_<name>` and `study` do
+            raise SystemExit(f"{provenance_file}: missing; write it first with `snakemake {provenance_file}`")
+        provenance = json.loads(provenance_file.read_text())
         configs[name] = config_sha256(provenance["config"])
         commits.add((provenance["git_commit"], bool(provenance["git_dirty"])))
         (dest / name).mkdir(parents=True, exist_ok=True)
