@@ -11,7 +11,9 @@ An archive's seeds are combined only when their run.json carry one configuration
 table says which seeds, configuration and commits it combines. For an archive it then prints
 the study's goal, fixed before its seeds ran: each method's raw BA(10->40) against each
 control, seed by seed, "above" where the gap of the means exceeds the larger of the two seed
-standard deviations, and the method's Rcc(10->40) against 0.5."""
+standard deviations, and the method's Rcc(10->40) against 0.5; beside it the median half-width
+of the method's per-seed 95% CI, since with two or three seeds a spread can be smaller than
+what one evaluation resolves."""
 import argparse
 import json
 import sys
@@ -54,16 +56,20 @@ def archive_summary(folder: Path, seeds: list[int] | None) -> pd.DataFrame:
     return summary_table(tables), tables
 
 
-def per_seed(tables: list[pd.DataFrame], metric: str, scope: str) -> pd.DataFrame:
-    """One metric's value per seed (rows) and experiment (columns)."""
+def per_seed(tables: list[pd.DataFrame], metric: str, scope: str, value: str = "value") -> pd.DataFrame:
+    """One metric's value (or its CI half-width: value="ci_half") per seed (rows) and
+    experiment (columns)."""
     rows = pd.concat(tables)
-    rows = rows[(rows["metric"] == metric) & (rows["scope"].astype(str) == scope)]
-    return rows.pivot_table(index="seed", columns="experiment", values="value")
+    rows = rows[(rows["metric"] == metric) & (rows["scope"].astype(str) == scope)].copy()
+    rows["ci_half"] = (rows["ci_high"] - rows["ci_low"]) / 2
+    return rows.pivot_table(index="seed", columns="experiment", values=value)
 
 
-def goal_rows(ba: pd.DataFrame, method: str, controls=GOAL_CONTROLS) -> list[dict]:
+def goal_rows(ba: pd.DataFrame, method: str, controls=GOAL_CONTROLS, ci_half: pd.DataFrame | None = None) -> list[dict]:
     """The method's BA(10->40) against each control over the seeds both ran: the gap of the
-    means, the seed spread (the larger sd) and the paired per-seed differences."""
+    means, the seed spread (the larger sd) and the paired per-seed differences; with
+    `ci_half`, also the median half-width of the method's per-seed 95% CI (test-slide
+    bootstrap): a gap below it is within what one evaluation cannot tell apart."""
     rows = []
     for control in controls:
         if control not in ba:
@@ -75,7 +81,9 @@ def goal_rows(ba: pd.DataFrame, method: str, controls=GOAL_CONTROLS) -> list[dic
         rows.append({"control": control, "seeds": len(both), "method": f"{m.mean():.3f} ± {m.std():.3f}",
                      "control_value": f"{c.mean():.3f} ± {c.std():.3f}", "gap": gap, "spread": spread,
                      "differences": " / ".join(f"{d:+.3f}" for d in m - c),
-                     "above": bool(len(both) > 1 and gap > spread)})
+                     "above": bool(len(both) > 1 and gap > spread),
+                     "ci_half": float(ci_half[method].loc[both.index].median())
+                     if ci_half is not None and method in ci_half else float("nan")})
     return rows
 
 
@@ -114,16 +122,18 @@ def print_goal(tables: list[pd.DataFrame]) -> None:
     ba = per_seed(tables, "probe_ba", "10->40")
     rcc = per_seed(tables, "retention_cc", "10->40")
     offset = per_seed(tables, "mag_offset", "10->40")
+    ci_half = per_seed(tables, "probe_ba", "10->40", value="ci_half")
     for method in (m for m in GOAL_METHODS if m in ba):
         print(f"\n**Goal, `{method}`** (raw BA(10->40), seeds {sorted(ba[method].dropna().index)}): "
               f"Rcc(10->40) {rcc[method].mean():.3f} ± {rcc[method].std():.3f} "
               f"({'>=' if rcc[method].mean() >= GOAL_RCC else '<'} {GOAL_RCC}), offset ratio "
               f"{offset[method].mean():.3f} ± {offset[method].std():.3f}\n")
         print(f"| control | seeds | {method} | control | gap of means | seed spread (larger sd) | "
-              "per-seed difference | above by more than the spread |\n|---|---|---|---|---|---|---|---|")
-        for r in goal_rows(ba, method):
+              "per-seed difference | above by more than the spread | per-seed 95% CI half-width |"
+              "\n|---|---|---|---|---|---|---|---|---|")
+        for r in goal_rows(ba, method, ci_half=ci_half):
             print(f"| {r['control']} | {r['seeds']} | {r['method']} | {r['control_value']} | {r['gap']:+.3f} | "
-                  f"{r['spread']:.3f} | {r['differences']} | {'yes' if r['above'] else 'no'} |")
+                  f"{r['spread']:.3f} | {r['differences']} | {'yes' if r['above'] else 'no'} | {r['ci_half']:.3f} |")
 
 
 def main(argv=None) -> None:

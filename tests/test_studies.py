@@ -10,21 +10,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 import results_table  # noqa: E402
 
 
-def metrics(experiment, seed, ba, rcc=0.1, offset=1.0):
-    rows = [("probe_ba", "10->40", ba), ("retention_cc", "10->40", rcc), ("mag_offset", "10->40", offset)]
+def metrics(experiment, seed, ba, rcc=0.1, offset=1.0, ci_half=0.02):
+    rows = [("probe_ba", "10->40", ba, ci_half), ("retention_cc", "10->40", rcc, float("nan")),
+            ("mag_offset", "10->40", offset, float("nan"))]
     return pd.DataFrame([{"experiment": experiment, "encoder": "e", "metric": m, "scope": s, "value": v,
-                          "ci_low": None, "ci_high": None, "note": None, "seed": seed} for m, s, v in rows])
+                          "ci_low": v - h, "ci_high": v + h, "note": None, "seed": seed} for m, s, v, h in rows])
 
 
 def test_goal_needs_the_gap_beyond_the_larger_seed_spread():
     tables = [metrics("mad", s, ba) for s, ba in zip((1, 2, 3), (0.40, 0.30, 0.35))]
     tables += [metrics("base", s, ba) for s, ba in zip((1, 2, 3), (0.24, 0.23, 0.22))]  # gap 0.12 > sd 0.05
     tables += [metrics("shuffled", s, ba) for s, ba in zip((1, 2, 3), (0.34, 0.27, 0.32))]  # gap 0.04 < sd 0.05
-    rows = {r["control"]: r for r in results_table.goal_rows(results_table.per_seed(tables, "probe_ba", "10->40"), "mad")}
+    ci_half = results_table.per_seed(tables, "probe_ba", "10->40", value="ci_half")
+    rows = {r["control"]: r for r in results_table.goal_rows(results_table.per_seed(tables, "probe_ba", "10->40"), "mad",
+                                                             ci_half=ci_half)}
     assert set(rows) == {"base", "shuffled"}  # controls that did not run are not invented
     assert rows["base"]["above"] and rows["base"]["gap"] == pytest.approx(0.12)
     assert not rows["shuffled"]["above"] and rows["shuffled"]["spread"] == pytest.approx(0.05)
     assert rows["shuffled"]["differences"] == "+0.060 / +0.030 / +0.030"
+    assert rows["base"]["ci_half"] == pytest.approx(0.02)  # the evaluation's own resolution, beside the gap
 
 
 def test_one_seed_is_never_above():
