@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         "dirty": any(d for _, d in commits),
         "cpu": cpu_model(),
         "gemm_gflops_fp32": round(args.gemm_gflops or gemm_gflops(args.threads), 1),
-        "gemm_source": "given (bench/bench_train.py)" if args.gemm_gflops else "measured at archiving",
+        "gemm_source": "given (--gemm-gflops)" if args.gemm_gflops else "measured at archiving",
         "gemm_threads": args.threads,
         "experiments": experiments,
         "archived": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -87,30 +87,29 @@ def goal_rows(ba: pd.DataFrame, method: str, controls=GOAL_CONTROLS, ci_half: pd
     return rows
 
 
-def training_end(folder: Path, seeds: list[int], last: int = 50) -> pd.DataFrame:
-    """Per archived run, the means of the last `last` logged steps of the teacher's entropy, the
-    teacher-student KL and the batch's parent/child offset, beside the run's raw BA(10->40):
-    where a teacher flattens towards uniform (entropy -> ln K), what it can teach flattens too."""
+def training_end(folder: Path, ba: pd.DataFrame, last: int = 50) -> pd.DataFrame:
+    """Per archived run (the seeds and experiments of `ba`, BA(10->40) from per_seed), the
+    means of the last `last` logged steps of the teacher's entropy, the teacher-student KL and
+    the batch's parent/child offset, beside the run's raw BA(10->40): where a teacher flattens
+    towards uniform (entropy -> ln K), what it can teach flattens too."""
     rows = []
-    for seed in seeds:
+    for seed in ba.index:
         for log in sorted((folder / f"seed{seed}").glob("*/train_log.tsv")):
             steps = pd.read_csv(log, sep="\t")
-            if len(steps) == 0 or "teacher_entropy" not in steps:
+            if len(steps) == 0 or "teacher_entropy" not in steps or log.parent.name not in ba:
                 continue
-            metrics = pd.read_csv(log.parent / "metrics.tsv", sep="\t")
-            ba = metrics[(metrics["metric"] == "probe_ba") & (metrics["scope"] == "10->40")]["value"]
             tail = steps.tail(last)
-            rows.append({"experiment": log.parent.name, "seed": seed, "BA(10->40)": float(ba.iloc[0]),
+            rows.append({"experiment": log.parent.name, "seed": seed, "BA(10->40)": float(ba.loc[seed, log.parent.name]),
                          "teacher entropy": tail["teacher_entropy"].mean(), "KL": tail["kl_teacher_student"].mean(),
                          "batch offset": tail["mag_offset"].mean() if "mag_offset" in tail else float("nan")})
     return pd.DataFrame(rows)
 
 
-def print_training_end(folder: Path, seeds: list[int]) -> None:
-    end = training_end(folder, seeds)
+def print_training_end(folder: Path, ba: pd.DataFrame) -> None:
+    end = training_end(folder, ba)
     if end.empty:
         return
-    print("\n**Training end** (means of the last 50 logged steps; per seed: " + ", ".join(map(str, seeds)) + ")\n")
+    print("\n**Training end** (means of the last 50 logged steps; per seed: " + ", ".join(map(str, ba.index)) + ")\n")
     print("| experiment | BA(10->40) | teacher entropy | teacher-student KL | batch offset |\n|---|---|---|---|---|")
     for exp, runs in end.groupby("experiment"):
         cells = [" / ".join(f"{v:.3f}" if pd.notna(v) else "-" for v in runs[c])
@@ -118,8 +117,7 @@ def print_training_end(folder: Path, seeds: list[int]) -> None:
         print(f"| {exp} | " + " | ".join(cells) + " |")
 
 
-def print_goal(tables: list[pd.DataFrame]) -> None:
-    ba = per_seed(tables, "probe_ba", "10->40")
+def print_goal(tables: list[pd.DataFrame], ba: pd.DataFrame) -> None:
     rcc = per_seed(tables, "retention_cc", "10->40")
     offset = per_seed(tables, "mag_offset", "10->40")
     ci_half = per_seed(tables, "probe_ba", "10->40", value="ci_half")
@@ -171,8 +169,9 @@ def main(argv=None) -> None:
         for _, r in pd.read_csv(checks, sep="\t").iterrows():
             print(f"| {r.experiment} | {r.metric} | {r.value:.3f} | {r.check.replace('|', chr(92) + '|')} | {r.passed} |")
     if tables is not None:
-        print_goal(tables)
-        print_training_end(folder, sorted({int(s) for table in tables for s in table["seed"].unique()}))
+        ba = per_seed(tables, "probe_ba", "10->40")
+        print_goal(tables, ba)
+        print_training_end(folder, ba)
 
 
 if __name__ == "__main__":

@@ -52,10 +52,10 @@ def test_archive_refuses_seeds_of_two_configurations(tmp_path):
 def test_training_end_reads_the_last_steps_beside_the_transfer(tmp_path):
     run = tmp_path / "seed1" / "mad"
     run.mkdir(parents=True)
-    metrics("mad", 1, 0.31).to_csv(run / "metrics.tsv", sep="\t", index=False)
     pd.DataFrame({"step": range(100), "teacher_entropy": [1.0] * 50 + [4.0] * 50,
                   "kl_teacher_student": [0.5] * 100, "mag_offset": [0.2] * 100}).to_csv(
         run / "train_log.tsv", sep="\t", index=False)
-    (row,) = results_table.training_end(tmp_path, [1]).to_dict("records")
+    ba = results_table.per_seed([metrics("mad", 1, 0.31)], "probe_ba", "10->40")
+    (row,) = results_table.training_end(tmp_path, ba).to_dict("records")
     assert row["experiment"] == "mad" and row["BA(10->40)"] == pytest.approx(0.31)
     assert row["teacher entropy"] == pytest.approx(4.0)  # the last 50 steps only
