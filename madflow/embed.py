@@ -76,9 +76,11 @@ def embed_slide(table_path: str, encode, encoder_name: str, out_path: str, batch
     with SlideReader(grid["path"].iloc[0]) as reader:
         for mag, rows in tiles.groupby("mag", sort=True):
             chunks = []
+            tile_px = int(rows["tile_px"].iloc[0])
+            pixels = np.empty((min(batch_size, len(rows)), tile_px, tile_px, 3), np.uint8)  # reused per batch
             for start in tqdm(range(0, len(rows), batch_size), desc=f"{slide_id} {mag_str(mag)}x", leave=False):
                 batch = rows.iloc[start : start + batch_size]
-                chunks.append(encode(reader.read_tiles(batch)))
+                chunks.append(encode(reader.read_tiles(batch, out=pixels[: len(batch)])))
             feats[mag] = (rows, l2_normalise(np.concatenate(chunks)))
             log.info("%s %sx: %d tiles embedded", slide_id, mag_str(mag), len(rows))
 

@@ -354,7 +354,7 @@ class SlideReader:
         try:
             return _SPARE_BUFFERS[shape].pop()
         except (KeyError, IndexError):  # none spare (or taken by another thread meanwhile)
-            return np.empty(shape, np.uint8)
+            return _decode_buffer(shape)
 
     def _remember(self, key, tile: np.ndarray) -> np.ndarray:
         self._cache[key] = tile
@@ -365,37 +365,51 @@ class SlideReader:
     def read_level_region(self, level: int, x: int, y: int, w: int, h: int, out=None) -> np.ndarray:
         """RGB uint8 (h, w, 3) of a region in the level's own pixel grid; white outside.
         Written into `out` when given (saves a copy when filling a batch)."""
-        lw, lh = self.level_dimensions[level]
-        x_lo, y_lo, x_hi, y_hi = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
         if out is None:
             out = np.empty((h, w, 3), np.uint8)
+        if not self._pages:
+            return self._read_openslide_region(level, x, y, w, h, out)
+        for (ty, tx), dst, src in self._stored_pieces(level, x, y, w, h, out):
+            out[dst] = self._decoded_tile(level, ty, tx)[src]
+        return out
+
+    def _stored_pieces(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray):
+        """The stored tiles a level region covers, as ((row, column), out slices, tile slices);
+        first paints `out` white where the region lies outside the level."""
+        lw, lh = self.level_dimensions[level]
+        x_lo, y_lo, x_hi, y_hi = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if x_lo > x or y_lo > y or x_hi < x + w or y_hi < y + h:
+            out[...] = BACKGROUND
+        page = self._pages[level]
+        tw, th = page.tilewidth, page.tilelength
+        for ty in range(y_lo // th, (y_hi - 1) // th + 1 if y_hi > y_lo else 0):
+            ay0, ay1 = max(y_lo, ty * th), min(y_hi, (ty + 1) * th)
+            for tx in range(x_lo // tw, (x_hi - 1) // tw + 1 if x_hi > x_lo else 0):
+                ax0, ax1 = max(x_lo, tx * tw), min(x_hi, (tx + 1) * tw)
+                yield (
+                    (ty, tx),
+                    (slice(ay0 - y, ay1 - y), slice(ax0 - x, ax1 - x)),
+                    (slice(ay0 - ty * th, ay1 - ty * th), slice(ax0 - tx * tw, ax1 - tx * tw)),
+                )
+
+    def _read_openslide_region(self, level, x, y, w, h, out) -> np.ndarray:
+        lw, lh = self.level_dimensions[level]
+        x_lo, y_lo, x_hi, y_hi = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
         if x_lo > x or y_lo > y or x_hi < x + w or y_hi < y + h:
             out[...] = BACKGROUND  # part of the region lies outside the level
         if x_lo >= x_hi or y_lo >= y_hi:
             return out
-        if not self._pages:
-            d = self.level_downsamples[level]
-            xy0 = (round(x_lo * d), round(y_lo * d))
-            try:
-                region = self.slide.read_region(xy0, level, (x_hi - x_lo, y_hi - y_lo))
-            except openslide.OpenSlideError as err:
-                raise SlideError(f"{self.path}: the region at level {level}, level-0 x {xy0[0]}, y {xy0[1]} "
-                                 f"({x_hi - x_lo} x {y_hi - y_lo} px) cannot be read ({err})") from None
-            rgba = np.asarray(region)
-            # transparent (outside scanned area) -> background
-            rgb = np.where(rgba[..., 3:4] == 0, BACKGROUND, rgba[..., :3])
-            out[y_lo - y : y_hi - y, x_lo - x : x_hi - x] = rgb
-            return out
-        page = self._pages[level]
-        tw, th = page.tilewidth, page.tilelength
-        for ty in range(y_lo // th, (y_hi - 1) // th + 1):
-            for tx in range(x_lo // tw, (x_hi - 1) // tw + 1):
-                tile = self._decoded_tile(level, ty, tx)
-                ax0, ay0 = max(x_lo, tx * tw), max(y_lo, ty * th)
-                ax1, ay1 = min(x_hi, (tx + 1) * tw), min(y_hi, (ty + 1) * th)
-                out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = tile[
-                    ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw
-                ]
+        d = self.level_downsamples[level]
+        xy0 = (round(x_lo * d), round(y_lo * d))
+        try:
+            region = self.slide.read_region(xy0, level, (x_hi - x_lo, y_hi - y_lo))
+        except openslide.OpenSlideError as err:
+            raise SlideError(f"{self.path}: the region at level {level}, level-0 x {xy0[0]}, y {xy0[1]} "
+                             f"({x_hi - x_lo} x {y_hi - y_lo} px) cannot be read ({err})") from None
+        rgba = np.asarray(region)
+        # transparent (outside scanned area) -> background
+        rgb = np.where(rgba[..., 3:4] == 0, BACKGROUND, rgba[..., :3])
+        out[y_lo - y : y_hi - y, x_lo - x : x_hi - x] = rgb
         return out
 
     def read_tile(self, row, out=None) -> np.ndarray:
@@ -414,14 +428,36 @@ class SlideReader:
         out[...] = region
         return out
 
-    def read_tiles(self, df) -> np.ndarray:
-        """uint8 (N, T, T, 3) for the rows of a tile-table DataFrame (all the same tile_px)."""
+    def read_tiles(self, df, out=None) -> np.ndarray:
+        """uint8 (N, T, T, 3) for the rows of a tile-table DataFrame (all the same tile_px).
+        Written into `out` when given: a caller reading batch after batch reuses one buffer,
+        where a fresh one costs the kernel's first-touch faults on every batch (a 256-tile
+        batch is 38 MB, above malloc's threshold for recycling freed memory)."""
         if len(df) == 0:
             return np.zeros((0, 0, 0, 3), np.uint8)
         tile_px = int(df["tile_px"].iloc[0])
-        out = np.empty((len(df), tile_px, tile_px, 3), np.uint8)
-        for n, row in enumerate(df[["x0", "y0", "size0", "tile_px", "level", "downsample"]].itertuples(index=False)):
-            self.read_tile(row._asdict(), out[n])
+        shape = (len(df), tile_px, tile_px, 3)
+        if out is None:
+            out = np.empty(shape, np.uint8)
+        elif out.shape != shape or out.dtype != np.uint8:
+            raise ValueError(f"{self.path}: read_tiles needs a uint8 buffer of shape {shape}, got {out.dtype} {out.shape}")
+        rows = df[["x0", "y0", "size0", "tile_px", "level", "downsample"]].to_dict("records")
+        # native tiles of a tiled TIFF: every stored tile the batch touches is decoded once
+        # and copied into all its tiles while it is still in the CPU cache, in the order the
+        # batch first needs it (the table's order keeps neighbours together)
+        pieces: dict[tuple, list] = {}
+        for n, row in enumerate(rows):
+            step, side = level_read_size(row["size0"], row["downsample"])
+            if not self._pages or side != tile_px:
+                self.read_tile(row, out[n])
+                continue
+            level = int(row["level"])
+            for (ty, tx), dst, src in self._stored_pieces(level, row["x0"] // step, row["y0"] // step, side, side, out[n]):
+                pieces.setdefault((level, ty, tx), []).append((n, dst, src))
+        for key, targets in pieces.items():
+            tile = self._decoded_tile(*key)
+            for n, (dy, dx), src in targets:
+                out[n, dy, dx] = tile[src]
         return out
 
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
@@ -458,6 +494,17 @@ def _check_tile_magic(path, fh, page, offsets, counts, levels: dict) -> None:
                 f"x {tx * page.tilewidth}, y {ty * page.tilelength}) is not {codec} data; re-export or "
                 "re-copy the slide"
             )
+
+
+def _decode_buffer(shape) -> np.ndarray:
+    """New uint8 memory for a decoded tile, starting 16 bytes past a 64-byte boundary.
+    libjpeg-turbo decoded a 256-px tile ~15% slower into rows 32-byte aligned (a tile row,
+    768 bytes, keeps the alignment of the first) than into rows 16 bytes off it, on this
+    project's Zen 4 machines (bench/bench_reader.py); where a fresh array lands depends on malloc."""
+    nbytes = int(np.prod(shape))
+    memory = np.empty(nbytes + 64, np.uint8)
+    start = (16 - memory.ctypes.data) % 64
+    return memory[start : start + nbytes].reshape(shape)
 
 
 def _reusable(tile: np.ndarray) -> bool:

@@ -182,6 +182,37 @@ def test_reader_decodes_into_recycled_buffers_exactly(tmp_path):
         assert slides._SPARE_BUFFERS[(256, 256, 3)]  # the closed reader left its buffers
 
 
+def test_read_tiles_batch_matches_stored_pixels_and_edges(tmp_path):
+    """A batch read (each stored tile decoded once, copied into every tile that touches it,
+    into a caller's buffer) gives the stored pixels exactly, white past the level's edge,
+    native and resized rows mixed, with a cache too small to hold the batch."""
+    import tifffile
+
+    from madflow import slides
+
+    path = tmp_path / "s.svs"
+    make_slide(path, seed=6, size=1024)
+    with tifffile.TiffFile(path) as tif:
+        level0 = tif.pages[0].asarray()
+    T = 224
+    padded = np.full((1024 + 2 * T, 1024 + 2 * T, 3), 255, np.uint8)
+    padded[T:-T, T:-T] = level0
+    xy = [(0, 0), (224, 0), (30, 500), (900, 900), (-100, 40), (1000, -50), (256, 256), (30, 500)]
+    df = pd.DataFrame({"x0": [x for x, _ in xy], "y0": [y for _, y in xy], "size0": T, "tile_px": T,
+                       "level": 0, "downsample": 1.0})
+    resized = {"x0": 448, "y0": 448, "size0": 2 * T, "tile_px": T, "level": 0, "downsample": 1.0}
+    df = pd.concat([df, pd.DataFrame([resized])], ignore_index=True)
+    out = np.zeros((len(df), T, T, 3), np.uint8)
+    with SlideReader(path, cache_tiles=2) as reader:
+        assert reader.read_tiles(df, out=out) is out
+        for n, (x, y) in enumerate(xy):
+            assert np.array_equal(out[n], padded[y + T : y + 2 * T, x + T : x + 2 * T]), (x, y)
+        assert np.array_equal(out[-1], reader.read_tile(resized))
+        with pytest.raises(ValueError, match="s.svs.*uint8 buffer of shape"):
+            reader.read_tiles(df, out=out[:2])
+    assert slides._decode_buffer((256, 256, 3)).ctypes.data % 64 == 16
+
+
 # -- labels -------------------------------------------------------------------------------
 def test_geojson_labels_known_regions(tmp_path):
     path = tmp_path / "s.svs"
