@@ -369,28 +369,40 @@ class SlideReader:
             out = np.empty((h, w, 3), np.uint8)
         if not self._pages:
             return self._read_openslide_region(level, x, y, w, h, out)
-        for (ty, tx), dst, src in self._stored_pieces(level, x, y, w, h, out):
-            out[dst] = self._decoded_tile(level, ty, tx)[src]
+        self._fill_regions(level, [0], [x], [y], w, h, out[None])
         return out
 
-    def _stored_pieces(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray):
-        """The stored tiles a level region covers, as ((row, column), out slices, tile slices);
-        first paints `out` white where the region lies outside the level."""
+    def _fill_regions(self, level: int, ns, xs, ys, w: int, h: int, out: np.ndarray) -> None:
+        """Writes the level regions (xs[i], ys[i], w, h) into out[ns[i]], white outside the
+        level. Each stored tile they cover is decoded once and copied into every region that
+        touches it while it is still in the CPU cache, in the order the regions first need it
+        (a tile table's order keeps neighbours together)."""
         lw, lh = self.level_dimensions[level]
-        x_lo, y_lo, x_hi, y_hi = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
-        if x_lo > x or y_lo > y or x_hi < x + w or y_hi < y + h:
-            out[...] = BACKGROUND
         page = self._pages[level]
         tw, th = page.tilewidth, page.tilelength
-        for ty in range(y_lo // th, (y_hi - 1) // th + 1 if y_hi > y_lo else 0):
-            ay0, ay1 = max(y_lo, ty * th), min(y_hi, (ty + 1) * th)
-            for tx in range(x_lo // tw, (x_hi - 1) // tw + 1 if x_hi > x_lo else 0):
-                ax0, ax1 = max(x_lo, tx * tw), min(x_hi, (tx + 1) * tw)
-                yield (
-                    (ty, tx),
-                    (slice(ay0 - y, ay1 - y), slice(ax0 - x, ax1 - x)),
-                    (slice(ay0 - ty * th, ay1 - ty * th), slice(ax0 - tx * tw, ax1 - tx * tw)),
-                )
+        ns, xs, ys = (np.asarray(v, np.int64) for v in (ns, xs, ys))
+        x_lo, y_lo = np.maximum(xs, 0), np.maximum(ys, 0)
+        x_hi, y_hi = np.minimum(xs + w, lw), np.minimum(ys + h, lh)
+        for n in ns[(x_lo > xs) | (y_lo > ys) | (x_hi < xs + w) | (y_hi < ys + h)]:
+            out[n] = BACKGROUND  # part of the region lies outside the level
+        inside = (x_lo < x_hi) & (y_lo < y_hi)
+        ns, xs, ys, x_lo, y_lo, x_hi, y_hi = (v[inside] for v in (ns, xs, ys, x_lo, y_lo, x_hi, y_hi))
+        # one piece per region and stored tile it covers
+        tx0, ty0 = x_lo // tw, y_lo // th
+        ncol, nrow = (x_hi - 1) // tw - tx0 + 1, (y_hi - 1) // th - ty0 + 1
+        r = np.repeat(np.arange(len(xs)), ncol * nrow)
+        k = np.arange(len(r)) - np.repeat(np.cumsum(ncol * nrow) - ncol * nrow, ncol * nrow)
+        tx, ty = tx0[r] + k % ncol[r], ty0[r] + k // ncol[r]
+        ax0, ax1 = np.maximum(x_lo[r], tx * tw), np.minimum(x_hi[r], (tx + 1) * tw)
+        ay0, ay1 = np.maximum(y_lo[r], ty * th), np.minimum(y_hi[r], (ty + 1) * th)
+        _, first, which = np.unique(ty * (lw // tw + 1) + tx, return_index=True, return_inverse=True)
+        order = np.argsort(first[which], kind="stable")
+        columns = (ty, tx, ns[r], ay0 - ys[r], ay1 - ys[r], ax0 - xs[r], ax1 - xs[r], ay0 - ty * th, ax0 - tx * tw)
+        last = None
+        for ty_, tx_, n, dy0, dy1, dx0, dx1, sy, sx in zip(*(c[order].tolist() for c in columns)):
+            if (ty_, tx_) != last:
+                tile, last = self._decoded_tile(level, ty_, tx_), (ty_, tx_)
+            out[n, dy0:dy1, dx0:dx1] = tile[sy : sy + dy1 - dy0, sx : sx + dx1 - dx0]
 
     def _read_openslide_region(self, level, x, y, w, h, out) -> np.ndarray:
         lw, lh = self.level_dimensions[level]
@@ -441,23 +453,18 @@ class SlideReader:
             out = np.empty(shape, np.uint8)
         elif out.shape != shape or out.dtype != np.uint8:
             raise ValueError(f"{self.path}: read_tiles needs a uint8 buffer of shape {shape}, got {out.dtype} {out.shape}")
-        rows = df[["x0", "y0", "size0", "tile_px", "level", "downsample"]].to_dict("records")
-        # native tiles of a tiled TIFF: every stored tile the batch touches is decoded once
-        # and copied into all its tiles while it is still in the CPU cache, in the order the
-        # batch first needs it (the table's order keeps neighbours together)
-        pieces: dict[tuple, list] = {}
-        for n, row in enumerate(rows):
-            step, side = level_read_size(row["size0"], row["downsample"])
-            if not self._pages or side != tile_px:
-                self.read_tile(row, out[n])
-                continue
-            level = int(row["level"])
-            for (ty, tx), dst, src in self._stored_pieces(level, row["x0"] // step, row["y0"] // step, side, side, out[n]):
-                pieces.setdefault((level, ty, tx), []).append((n, dst, src))
-        for key, targets in pieces.items():
-            tile = self._decoded_tile(*key)
-            for n, (dy, dx), src in targets:
-                out[n, dy, dx] = tile[src]
+        cols = df[["x0", "y0", "size0", "tile_px", "level", "downsample"]]
+        step, side = np.empty(len(df), np.int64), np.empty(len(df), np.int64)
+        for (size0, downsample), idx in cols.groupby(["size0", "downsample"]).indices.items():
+            step[idx], side[idx] = level_read_size(int(size0), float(downsample))
+        native = side == tile_px if self._pages else np.zeros(len(df), bool)
+        for n in np.flatnonzero(~native):
+            self.read_tile(cols.iloc[n].to_dict(), out[n])
+        levels = cols["level"].to_numpy(np.int64)
+        x, y = cols["x0"].to_numpy(np.int64) // step, cols["y0"].to_numpy(np.int64) // step
+        for level in np.unique(levels[native]):
+            ns = np.flatnonzero(native & (levels == level))
+            self._fill_regions(int(level), ns, x[ns], y[ns], tile_px, tile_px, out)
         return out
 
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
