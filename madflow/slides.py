@@ -506,8 +506,9 @@ def _check_tile_magic(path, fh, page, offsets, counts, levels: dict) -> None:
 def _decode_buffer(shape) -> np.ndarray:
     """New uint8 memory for a decoded tile, starting 16 bytes past a 64-byte boundary.
     libjpeg-turbo decoded a 256-px tile ~15% slower into rows 32-byte aligned (a tile row,
-    768 bytes, keeps the alignment of the first) than into rows 16 bytes off it, on this
-    project's Zen 4 machines (bench/bench_reader.py); where a fresh array lands depends on malloc."""
+    768 bytes, keeps the alignment of the first) than into rows 16 bytes off it, on the AMD
+    EPYC (Zen 4) this was measured on (docs/results.md); where a fresh array lands depends on
+    malloc."""
     nbytes = int(np.prod(shape))
     memory = np.empty(nbytes + 64, np.uint8)
     start = (16 - memory.ctypes.data) % 64
