@@ -3,13 +3,16 @@ session survives it: `studies/runs/<study>/seed<s>/<experiment>/` gets the run's
 `metrics.tsv` (copied as the workflow wrote it), `train_log.tsv` and `cross_scale_cue.tsv`, and
 `seed<s>/run.json` records what produced them: the commit, the sha256 of the resolved
 configuration (the part that changes results: `config_sha256`), the CPU model, this machine's
-GEMM rate, and per experiment its steps and training wall time.
+GEMM rate, and per experiment its steps, training wall time and `experiment_sha256` (the same
+hash over the settings that experiment depends on: every section but `experiments`, plus its
+own entry and its `init` chain's).
 
     python studies/archive_run.py RESULTS_DIR STUDY --seed S [--experiments base mad ...]
 
 Run it on the machine that ran the workflow (the GEMM rate is measured here and now, median of
 five 1024^3 fp32 products at the training's 2 threads). `studies/results_table.py
-studies/runs/<study>` combines the archived seeds, and only seeds of one configuration.
+studies/runs/<study>` combines the archived seeds, and only seeds that ran each experiment under
+one configuration.
 """
 
 from __future__ import annotations
@@ -41,8 +44,31 @@ def result_config(config: dict) -> dict:
     return kept
 
 
+def experiment_config(config: dict, name: str) -> dict:
+    """What one experiment's numbers depend on: the result config with `experiments` cut down to
+    its own entry and those of the experiments it starts from (its `init` chain). Adding or
+    editing another experiment in config.yaml leaves it unchanged."""
+    kept = result_config(config)
+    entries = kept.pop("experiments", None) or {}
+    default_init = (kept.get("train") or {}).get("init")
+    chain = {}
+    while name in entries and name not in chain:
+        chain[name] = entries[name]
+        name = entries[name].get("init", default_init)
+    kept["experiments"] = chain
+    return kept
+
+
+def _sha256(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def config_sha256(config: dict) -> str:
-    return hashlib.sha256(json.dumps(result_config(config), sort_keys=True).encode()).hexdigest()
+    return _sha256(result_config(config))
+
+
+def experiment_sha256(config: dict, name: str) -> str:
+    return _sha256(experiment_config(config, name))
 
 
 def cpu_model() -> str:
@@ -96,12 +122,13 @@ def main(argv=None) -> int:
             raise SystemExit(f"{provenance_file}: missing; write it first with `snakemake {provenance_file}`")
         provenance = json.loads(provenance_file.read_text())
         configs[name] = config_sha256(provenance["config"])
+        experiment_hash = experiment_sha256(provenance["config"], name)
         commits.add((provenance["git_commit"], bool(provenance["git_dirty"])))
         (dest / name).mkdir(parents=True, exist_ok=True)
         for f in RUN_FILES:
             if (run / f).is_file():
                 shutil.copyfile(run / f, dest / name / f)
-        entry = {"config_sha256": configs[name]}
+        entry = {"config_sha256": configs[name], "experiment_sha256": experiment_hash}
         log = run / "train_log.tsv"
         if log.is_file():
             steps = pd.read_csv(log, sep="\t")
@@ -111,12 +138,13 @@ def main(argv=None) -> int:
         if bench.is_file():
             entry["pretrain_wall_s"] = round(float(pd.read_csv(bench, sep="\t").iloc[-1]["s"]), 1)
         experiments[name] = entry
-    if len(set(configs.values())) > 1:
-        raise SystemExit(f"experiments of seed {args.seed} ran under different configurations: {configs}")
     run_json = {
         "study": args.study,
         "seed": args.seed,
-        "config_sha256": next(iter(configs.values())),
+        # one whole configuration, or null where this seed's experiments ran under several (an
+        # experiment added to config.yaml between them): results_table.py compares seeds per
+        # experiment, by experiment_sha256
+        "config_sha256": configs[names[0]] if len(set(configs.values())) == 1 else None,
         "commit": sorted(c for c, _ in commits),
         "dirty": any(d for _, d in commits),
         "cpu": cpu_model(),

@@ -7,8 +7,9 @@ run's `summary.tsv` (one seed: 95% CIs from each experiment's `metrics.tsv`), fr
     python studies/results_table.py results/multiseed  # mean ± sd over the study's seeds
     python studies/results_table.py studies/runs/STUDY [--seeds 1 2 3]   # the archive
 
-An archive's seeds are combined only when their run.json carry one configuration hash; the
-table says which seeds, configuration and commits it combines. For an archive it then prints
+An archive's seeds are combined only when their run.json carry one configuration hash (per
+experiment, where the archive has `experiment_sha256`); the table says which seeds,
+configuration and commits it combines. For an archive it then prints
 the study's goal, fixed before its seeds ran: each method's raw BA(10->40) against each
 control, seed by seed, "above" where the gap of the means exceeds the larger of the two seed
 standard deviations, and the method's Rcc(10->40) against 0.5; beside it the median half-width
@@ -46,14 +47,34 @@ def archive_summary(folder: Path, seeds: list[int] | None) -> pd.DataFrame:
         if missing:
             raise SystemExit(f"{folder}: seed(s) {missing} not archived (have {sorted(runs)})")
         runs = {s: r for s, r in runs.items() if s in seeds}
-    hashes = {r["config_sha256"] for r in runs.values()}
-    if len(hashes) != 1:
-        raise SystemExit(f"{folder}: the seeds ran under different configurations "
-                         f"{ {s: r['config_sha256'][:12] for s, r in runs.items()} }: pick seeds of one with --seeds")
-    tables = [pd.read_csv(p, sep="\t") for s in runs for p in sorted((folder / f"seed{s}").glob("*/metrics.tsv"))]
-    print(f"<!-- {folder}: seeds {sorted(runs)}, configuration {hashes.pop()[:12]}, commits "
+    print(f"<!-- {folder}: seeds {sorted(runs)}, {configuration(folder, runs)}, commits "
           f"{sorted({c for r in runs.values() for c in r['commit']})}, CPUs {sorted({r['cpu'] for r in runs.values()})} -->")
+    tables = [pd.read_csv(p, sep="\t") for s in runs for p in sorted((folder / f"seed{s}").glob("*/metrics.tsv"))]
     return summary_table(tables), tables
+
+
+def configuration(folder: Path, runs: dict) -> str:
+    """The configuration the seeds share, said for the table's header; SystemExit where they do
+    not. Archives with a hash per experiment are compared experiment by experiment (a study may
+    gain an experiment between seeds); older ones by the whole configuration."""
+    experiments = [r.get("experiments") or {} for r in runs.values()]
+    if all(experiments) and all("experiment_sha256" in e for exp in experiments for e in exp.values()):
+        hashes: dict[str, dict] = {}
+        for seed, run in runs.items():
+            for name, entry in run["experiments"].items():
+                hashes.setdefault(name, {})[seed] = entry["experiment_sha256"]
+        differing = {name: {s: h[:12] for s, h in by_seed.items()}
+                     for name, by_seed in hashes.items() if len(set(by_seed.values())) > 1}
+        if differing:
+            raise SystemExit(f"{folder}: experiment(s) {sorted(differing)} ran under different configurations "
+                             f"across seeds {differing}: pick seeds of one with --seeds")
+        return "configuration per experiment " + ", ".join(
+            f"{name} {next(iter(by_seed.values()))[:12]}" for name, by_seed in sorted(hashes.items()))
+    whole = {r["config_sha256"] for r in runs.values()}
+    if len(whole) != 1 or None in whole:
+        raise SystemExit(f"{folder}: the seeds ran under different configurations "
+                         f"{ {s: (r['config_sha256'] or '')[:12] for s, r in runs.items()} }: pick seeds of one with --seeds")
+    return f"configuration {whole.pop()[:12]}"
 
 
 def per_seed(tables: list[pd.DataFrame], metric: str, scope: str, value: str = "value") -> pd.DataFrame:

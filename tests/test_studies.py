@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+import archive_run  # noqa: E402
 import results_table  # noqa: E402
 
 
@@ -59,3 +60,38 @@ def test_training_end_reads_the_last_steps_beside_the_transfer(tmp_path):
     (row,) = results_table.training_end(tmp_path, ba).to_dict("records")
     assert row["experiment"] == "mad" and row["BA(10->40)"] == pytest.approx(0.31)
     assert row["teacher entropy"] == pytest.approx(4.0)  # the last 50 steps only
+
+
+def test_experiment_hash_covers_its_settings_and_init_chain_only():
+    config = {"train": {"steps": 1000, "seeds": [0]}, "resources": {"default": {}},
+              "experiments": {"base": {"steps": 600}, "mad": {"init": "base", "lr": 1e-4},
+                              "interp": {"init": "base", "mode": "interp"}}}
+    mad = archive_run.experiment_sha256(config, "mad")
+    grown = {**config, "experiments": {**config["experiments"], "tri": {"init": "base", "mode": "tri"}},
+             "resources": {"default": {"runtime": 60}}, "train": {**config["train"], "seeds": [0, 1]}}
+    assert archive_run.experiment_sha256(grown, "mad") == mad  # another experiment, where/which runs
+    assert archive_run.config_sha256(grown) != archive_run.config_sha256(config)
+    for changed in ({**config, "experiments": {**config["experiments"], "base": {"steps": 300}}},  # its start
+                    {**config, "train": {**config["train"], "steps": 500}}):  # a shared setting
+        assert archive_run.experiment_sha256(changed, "mad") != mad
+
+
+def _archive(folder, seed, whole, per_experiment):
+    for name in per_experiment:
+        (folder / f"seed{seed}" / name).mkdir(parents=True)
+        metrics(name, seed, 0.3).to_csv(folder / f"seed{seed}" / name / "metrics.tsv", sep="\t", index=False)
+    (folder / f"seed{seed}" / "run.json").write_text(json.dumps(
+        {"config_sha256": whole, "commit": ["c"], "cpu": "x",
+         "experiments": {n: {"config_sha256": whole, "experiment_sha256": h} for n, h in per_experiment.items()}}))
+
+
+def test_archive_compares_seeds_per_experiment(tmp_path, capsys):
+    # seed 2 ran after an experiment was added to config.yaml: another whole hash, mad's unchanged
+    _archive(tmp_path / "ok", 1, "a" * 64, {"mad": "m" * 64, "base": "b" * 64})
+    _archive(tmp_path / "ok", 2, "c" * 64, {"mad": "m" * 64, "base": "b" * 64, "tri": "t" * 64})
+    results_table.archive_summary(tmp_path / "ok", None)
+    assert f"configuration per experiment base {'b' * 12}, mad {'m' * 12}, tri {'t' * 12}" in capsys.readouterr().out
+    _archive(tmp_path / "bad", 1, "a" * 64, {"mad": "m" * 64})
+    _archive(tmp_path / "bad", 2, "a" * 64, {"mad": "n" * 64})
+    with pytest.raises(SystemExit, match=r"experiment\(s\) \['mad'\] ran under different configurations"):
+        results_table.archive_summary(tmp_path / "bad", None)
