@@ -29,7 +29,7 @@ import pandas as pd
 import tifffile
 
 from madflow.manifest import check_manifest
-from madflow.slides import SlideReader, _decode_buffer, mag_str
+from madflow.slides import SlideReader, decode_buffer, mag_str
 from madflow.synth import make_slide
 from madflow.tiling import tile_slide
 
@@ -103,8 +103,8 @@ def throughput(path, tmp, tile_px, repeats):
             tables = page.jpegtables
 
         # one reused buffer at the alignment libjpeg-turbo decodes fastest into: a fresh array
-        # per decode ran 0-15% slower, by where malloc put it (madflow.slides._decode_buffer)
-        scratch = _decode_buffer((page.tilelength, page.tilewidth, 3))
+        # per decode ran 0-15% slower, by where malloc put it (madflow.slides.decode_buffer)
+        scratch = decode_buffer((page.tilelength, page.tilewidth, 3))
 
         def raw_decode():  # libjpeg-turbo on the stored bytes, nothing else
             for _, data in chunks:

@@ -354,7 +354,7 @@ class SlideReader:
         try:
             return _SPARE_BUFFERS[shape].pop()
         except (KeyError, IndexError):  # none spare (or taken by another thread meanwhile)
-            return _decode_buffer(shape)
+            return decode_buffer(shape)
 
     def _remember(self, key, tile: np.ndarray) -> np.ndarray:
         self._cache[key] = tile
@@ -503,7 +503,7 @@ def _check_tile_magic(path, fh, page, offsets, counts, levels: dict) -> None:
             )
 
 
-def _decode_buffer(shape) -> np.ndarray:
+def decode_buffer(shape) -> np.ndarray:
     """New uint8 memory for a decoded tile, starting 16 bytes past a 64-byte boundary.
     libjpeg-turbo decoded a 256-px tile ~15% slower into rows 32-byte aligned (a tile row,
     768 bytes, keeps the alignment of the first) than into rows 16 bytes off it, on the AMD

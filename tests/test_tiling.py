@@ -210,7 +210,7 @@ def test_read_tiles_batch_matches_stored_pixels_and_edges(tmp_path):
         assert np.array_equal(out[-1], reader.read_tile(resized))
         with pytest.raises(ValueError, match="s.svs.*uint8 buffer of shape"):
             reader.read_tiles(df, out=out[:2])
-    assert slides._decode_buffer((256, 256, 3)).ctypes.data % 64 == 16
+    assert slides.decode_buffer((256, 256, 3)).ctypes.data % 64 == 16
 
 
 # -- labels -------------------------------------------------------------------------------
