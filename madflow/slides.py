@@ -63,6 +63,15 @@ def level_read_size(size0: int, downsample: float) -> tuple[int, int]:
     return step, max(1, round(size0 / step))
 
 
+def level_read_sizes(table) -> tuple[np.ndarray, np.ndarray]:
+    """level_read_size for every row of a tile table (columns size0, downsample), computed once
+    per distinct footprint: a table has one per magnification."""
+    step, n = np.empty(len(table), np.int64), np.empty(len(table), np.int64)
+    for (size0, downsample), idx in table.groupby(["size0", "downsample"]).indices.items():
+        step[idx], n[idx] = level_read_size(int(size0), float(downsample))
+    return step, n
+
+
 @dataclass(frozen=True)
 class LevelChoice:
     """Where to read a target magnification from: level, its downsample, native or resized."""
@@ -454,9 +463,7 @@ class SlideReader:
         elif out.shape != shape or out.dtype != np.uint8:
             raise ValueError(f"{self.path}: read_tiles needs a uint8 buffer of shape {shape}, got {out.dtype} {out.shape}")
         cols = df[["x0", "y0", "size0", "tile_px", "level", "downsample"]]
-        step, side = np.empty(len(df), np.int64), np.empty(len(df), np.int64)
-        for (size0, downsample), idx in cols.groupby(["size0", "downsample"]).indices.items():
-            step[idx], side[idx] = level_read_size(int(size0), float(downsample))
+        step, side = level_read_sizes(cols)
         native = side == tile_px if self._pages else np.zeros(len(df), bool)
         for n in np.flatnonzero(~native):
             self.read_tile(cols.iloc[n].to_dict(), out[n])

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from madflow import labels as labels_mod
 from madflow.hierarchy import GRID_KEYS
 from madflow.io import write_atomic
-from madflow.slides import SlideReader, choose_levels, footprint_size, level_read_size, mag_str
+from madflow.slides import SlideReader, choose_levels, footprint_size, level_read_size, level_read_sizes, mag_str
 
 
 
@@ -178,9 +178,7 @@ def inside_slide(grid: pd.DataFrame, level_dims: np.ndarray) -> np.ndarray:
     x0, y0, size0 = (grid[c].to_numpy(np.int64) for c in ("x0", "y0", "size0"))
     level = grid["level"].to_numpy(np.int64)
     downsample = grid["downsample"].to_numpy(np.float64)
-    step, n = np.empty_like(size0), np.empty_like(size0)
-    for (size, ds), idx in grid.groupby(["size0", "downsample"]).indices.items():  # one per magnification
-        step[idx], n[idx] = level_read_size(int(size), float(ds))
+    step, n = level_read_sizes(grid)
     margin = (np.abs(downsample - step) > 1e-9).astype(np.int64)
     lw, lh = level_dims[level, 0], level_dims[level, 1]
 
